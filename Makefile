@@ -1,0 +1,54 @@
+# rollout_buffers: every target works from a fresh clone; `make test` and `make demo` set up first.
+PYTHON ?= python3
+VENV   ?= .venv
+TORCH  ?= torch==2.13.0
+PY     := $(VENV)/bin/python
+export TRITON_DEFAULT_FP_FUSION ?= 1
+
+.PHONY: setup test test-api-triton aot demo bench bench-micro bench-gae fuzz lint clean
+
+setup: $(VENV)/.installed
+
+# torch is installed first, pinned: an unpinned torch would pull gigabytes of CUDA packages on
+# a machine without a GPU. The project's own `torch>=2.4` is then already satisfied.
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet "$(TORCH)"
+	$(PY) -m pip install --quiet -e ".[test,bench]"
+	touch $@
+
+test: setup
+	$(PY) -m pytest -q
+	$(MAKE) --no-print-directory test-api-triton
+	$(MAKE) --no-print-directory aot
+
+# The public API suite a second time, on the Triton kernels under Triton's CPU interpreter.
+test-api-triton: setup
+	ROLLOUT_BUFFERS_BACKEND=triton TRITON_INTERPRET=1 $(PY) -m pytest -q -m "not gpu" tests/test_api.py tests/test_compat.py
+
+# Compile every kernel specialization for sm_80 and sm_90 without a GPU; fails on error or spill.
+aot: setup
+	$(PY) -m rollout_buffers.kernels.aot
+
+demo: setup
+	$(PY) bench/demo.py
+
+bench: setup
+	$(PY) bench/run.py
+
+bench-micro: setup
+	$(PY) -m pytest -q bench/ --benchmark-only
+
+bench-gae: setup
+	$(PY) bench/bench_gae.py
+
+fuzz: setup
+	HYPOTHESIS_PROFILE=long $(PY) -m pytest -q tests/test_fuzz.py
+
+lint: setup
+	$(VENV)/bin/ruff check rollout_buffers kernels tests bench
+	$(VENV)/bin/ruff format --check rollout_buffers kernels tests bench
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache .hypothesis

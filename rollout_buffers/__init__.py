@@ -1,0 +1,36 @@
+"""rollout_buffers: rollout storage for GPU reinforcement learning.
+
+A drop-in replacement for the data module of NVIDIA's ProtoMotions
+(``protomotions.agents.utils.data``): :class:`ExperienceBuffer`, :class:`DictDataset` and
+:func:`swap_and_flatten01`, with fused Triton kernels for CUDA tensors and a pure-PyTorch path
+everywhere else. See the README for the compatibility promise and the backends.
+"""
+
+from .backend import get_backend, set_backend, use_backend
+from .buffer import ExperienceBuffer, swap_and_flatten01
+from .dataset import DictDataset
+from .errors import (
+    BackendUnavailableError,
+    RolloutBuffersError,
+    RolloutIndexError,
+    RolloutKeyError,
+    RolloutTypeError,
+    RolloutValueError,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ExperienceBuffer",
+    "DictDataset",
+    "swap_and_flatten01",
+    "get_backend",
+    "set_backend",
+    "use_backend",
+    "BackendUnavailableError",
+    "RolloutBuffersError",
+    "RolloutIndexError",
+    "RolloutKeyError",
+    "RolloutTypeError",
+    "RolloutValueError",
+]

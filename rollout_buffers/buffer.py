@@ -1,0 +1,362 @@
+"""ExperienceBuffer: per-step rollout storage, a drop-in for ProtoMotions' class of that name."""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from . import ops
+from .errors import (
+    RolloutIndexError,
+    RolloutKeyError,
+    RolloutTypeError,
+    RolloutValueError,
+)
+
+__all__ = ["ExperienceBuffer", "swap_and_flatten01"]
+
+
+def swap_and_flatten01(arr: Tensor | None) -> Tensor | None:
+    """Swap and flatten the first two dimensions of a tensor.
+
+    ``(S0, S1, *rest) -> (S1 * S0, *rest)``: equal to
+    ``arr.transpose(0, 1).reshape(S0 * S1, *rest)``, always a new contiguous tensor (row
+    ``j * S0 + i`` is ``arr[i, j]``). For a buffer shaped ``(num_steps, num_envs, ...)`` the result
+    is env-major. Any dtype, any trailing shape, non-contiguous inputs.
+
+    Args:
+        arr: a tensor with at least 2 dimensions, or ``None``.
+
+    Returns:
+        The flattened copy, or ``None`` when ``arr`` is ``None``.
+
+    Raises:
+        RolloutValueError: ``arr`` has fewer than 2 dimensions.
+        RolloutTypeError: ``arr`` is not a tensor.
+    """
+    if arr is None:
+        return None
+    if not isinstance(arr, Tensor):
+        raise RolloutTypeError(f"swap_and_flatten01: expected a tensor, received {type(arr).__name__}")
+    if arr.dim() < 2:
+        raise RolloutValueError(
+            f"swap_and_flatten01: expected a tensor with at least 2 dimensions "
+            f"(num_steps, num_envs, ...), received shape {tuple(arr.shape)}"
+        )
+    return ops.flatten([arr])[0]
+
+
+class _Spec:
+    """What one key's writes are validated against, cached so a write costs a few compares.
+
+    ``tensor`` is the buffer this spec was built from: when the module's buffer is no longer
+    that object (``.to()``, ``.half()``, reassignment) the spec is rebuilt from the new one.
+    """
+
+    __slots__ = ("tensor", "row_shape", "dtype", "device", "written")
+
+    def __init__(self, tensor: Tensor, written: bytearray) -> None:
+        self.tensor = tensor
+        self.row_shape = tensor.shape[1:]  # (num_envs, *shape): what one step holds
+        self.dtype = tensor.dtype
+        self.device = tensor.device
+        self.written = written  # written[step] == 1 once the step was written since the reset
+
+
+class ExperienceBuffer(nn.Module):
+    """Buffer for storing rollout experience from parallel environments.
+
+    Every key is a buffer of shape ``(num_steps, num_envs, *shape)`` registered on the module
+    with ``persistent=False`` (moved by ``.to()``, not saved in ``state_dict``) and reachable as
+    an attribute (``buffer.rewards``). Steps are written one at a time (``update_data``,
+    ``update_step``) or all at once (``batch_update_data``); ``make_dict`` checks that every step
+    of every key was written and returns the rollout flattened env-major.
+
+    Args:
+        num_envs: number of parallel environments.
+        num_steps: number of steps per rollout.
+        device: where the buffers live; ``None`` means ``cuda`` when available, else ``cpu``.
+
+    Attributes:
+        store_dict: key -> sum of ``step + 1`` over the distinct steps written since
+            registration or the last ``make_dict`` (``total_sum()`` once all are written).
+
+    Example:
+        >>> buffer = ExperienceBuffer(num_envs=1024, num_steps=16)
+        >>> buffer.register_key("obs", shape=(128,))
+        >>> buffer.update_data("obs", step=0, data=observations)
+        >>> data_dict = buffer.get_dict()
+    """
+
+    def __init__(self, num_envs: int, num_steps: int, device: torch.device | str | None = None):
+        super().__init__()
+        for name, value in (("num_envs", num_envs), ("num_steps", num_steps)):
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise RolloutValueError(f"{name} must be a positive int, received {value!r}")
+        if device is None:
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.num_envs = num_envs
+        self.num_steps = num_steps
+        self.store_dict: dict[str, int | float] = {}
+        self._device = torch.device(device)
+        self._specs: dict[str, _Spec] = {}
+
+    # -- state ---------------------------------------------------------------------------------
+
+    @property
+    def device(self) -> torch.device:
+        """The device the buffers live on (follows ``.to()``)."""
+        return self._device
+
+    def keys(self) -> list[str]:
+        """The registered keys, in registration order."""
+        return list(self._specs)
+
+    def _apply(self, fn, *args, **kwargs):  # type: ignore[override]
+        # .to() / .cuda() / .cpu() go through here: follow the move so that keys registered
+        # afterwards land next to the others. Specs rebuild lazily (see _spec).
+        out = super()._apply(fn, *args, **kwargs)
+        self._device = fn(torch.empty(0, device=self._device)).device
+        return out
+
+    def _spec(self, key: Any) -> _Spec:
+        spec = self._specs.get(key) if isinstance(key, str) else None
+        if spec is None:
+            self._raise_unknown_key(key)
+        tensor = self._buffers[key]
+        if tensor is not spec.tensor:  # moved, cast or reassigned since the spec was built
+            if tensor is None or tensor.shape[:2] != (self.num_steps, self.num_envs):
+                raise RolloutValueError(
+                    f"the buffer of '{key}' was replaced by a tensor of shape "
+                    f"{None if tensor is None else tuple(tensor.shape)}; expected "
+                    f"({self.num_steps}, {self.num_envs}, ...)"
+                )
+            spec = self._specs[key] = _Spec(tensor, spec.written)
+        return spec
+
+    def _raise_unknown_key(self, key: Any) -> None:
+        if not isinstance(key, str):
+            raise RolloutKeyError(f"{key!r}: keys are strings, received {type(key).__name__}")
+        raise RolloutKeyError(
+            f"{key}: unknown key '{key}'; registered keys: {sorted(self._specs) or 'none'} "
+            f"(call register_key('{key}', shape=..., dtype=...) first)"
+        )
+
+    # -- registration ----------------------------------------------------------------------------
+
+    def register_key(
+        self, key: str, shape: Sequence[int] | int = (), dtype: torch.dtype = torch.float
+    ) -> None:
+        """Allocate a zeroed buffer ``(num_steps, num_envs, *shape)`` of ``dtype`` for ``key``.
+
+        Raises:
+            RolloutKeyError: ``key`` is not a string, is already registered, or clashes with an
+                attribute of the module.
+            RolloutValueError: ``shape`` has a negative or non-integer size.
+            RolloutTypeError: ``dtype`` is not a ``torch.dtype``.
+        """
+        if not isinstance(key, str):
+            raise RolloutKeyError(f"{key!r}: keys are strings, received {type(key).__name__}")
+        if key in self._specs:
+            raise RolloutKeyError(f"{key}: key '{key}' is already registered")
+        if not key or "." in key:
+            raise RolloutKeyError(f"{key}: a key must be a non-empty string without '.', received {key!r}")
+        if hasattr(self, key):
+            raise RolloutKeyError(
+                f"{key}: '{key}' clashes with an existing attribute of ExperienceBuffer; choose another name"
+            )
+        shape = _normalize_shape(key, shape)
+        if not isinstance(dtype, torch.dtype):
+            raise RolloutTypeError(f"{key}: dtype must be a torch.dtype, received {dtype!r}")
+        tensor = torch.zeros((self.num_steps, self.num_envs, *shape), dtype=dtype, device=self._device)
+        self.register_buffer(key, tensor, persistent=False)
+        self._specs[key] = _Spec(tensor, bytearray(self.num_steps))
+        self.store_dict[key] = 0
+
+    # -- writes ------------------------------------------------------------------------------------
+
+    def total_sum(self) -> float:
+        """``(num_steps + 1) * num_steps / 2``: ``store_dict[key]`` once every step is written."""
+        return (self.num_steps + 1) * (self.num_steps / 2)
+
+    def update_data(self, key: str, index: int | None = None, data: Any = None, *, step: int | None = None) -> None:
+        """Write ``data`` at one step of ``key``: ``buffer.<key>[index] = data``.
+
+        Broadcasting and dtype casting follow PyTorch assignment. The step may be given as
+        ``index`` (positional, as in the original) or ``step=`` (as in its documented example).
+
+        Raises:
+            RolloutKeyError: unknown key.
+            RolloutIndexError: step out of range. RolloutTypeError: step not an integer.
+            RolloutValueError: data of a shape that does not broadcast to
+                ``(num_envs, *shape)``, on another device, or with ``requires_grad``.
+        """
+        spec = self._spec(key)
+        index = self._step_index(key, index, step)
+        if not (
+            type(data) is Tensor
+            and data.shape == spec.row_shape
+            and data.dtype == spec.dtype
+            and data.device == spec.device
+            and not data.requires_grad
+        ):
+            data = self._check_data(key, spec, data, spec.row_shape, "update_data")
+        ops.write_step((spec.tensor,), index, (data,))
+        self._mark(key, spec, index)
+
+    def update_step(self, index: int, tensors: Mapping[str, Any]) -> None:
+        """Write every ``(key, tensor)`` of ``tensors`` at step ``index``, in one fused launch on CUDA.
+
+        Each key follows the rules of :meth:`update_data`. Everything is validated before
+        anything is written: one bad key leaves the whole buffer unchanged.
+
+        Args:
+            index: the step to write, ``0 <= index < num_steps`` (negative counts from the end).
+            tensors: a mapping (dict or TensorDict) from registered keys to data.
+        """
+        if not hasattr(tensors, "items"):
+            raise RolloutTypeError(
+                f"update_step: tensors must be a mapping of key -> tensor, received {type(tensors).__name__}"
+            )
+        if len(tensors) == 0:
+            raise RolloutValueError("update_step: tensors is empty; pass at least one key -> tensor")
+        index = self._step_index("update_step", index, None)
+        specs, srcs = [], []
+        for key, data in tensors.items():
+            spec = self._spec(key)
+            if not (
+                type(data) is Tensor
+                and data.shape == spec.row_shape
+                and data.dtype == spec.dtype
+                and data.device == spec.device
+                and not data.requires_grad
+            ):
+                data = self._check_data(key, spec, data, spec.row_shape, "update_step")
+            specs.append(spec)
+            srcs.append(data)
+        ops.write_step([s.tensor for s in specs], index, srcs)
+        for key, spec in zip(tensors.keys(), specs):
+            self._mark(key, spec, index)
+
+    def batch_update_data(self, key: str, data: Any) -> None:
+        """Write the whole ``(num_steps, num_envs, *shape)`` buffer of ``key`` and mark every step written."""
+        spec = self._spec(key)
+        data = self._check_data(key, spec, data, spec.tensor.shape, "batch_update_data")
+        spec.tensor.copy_(data)
+        spec.written[:] = b"\x01" * self.num_steps
+        self.store_dict[key] = self.total_sum()
+
+    def _step_index(self, key: str, index: Any, step: Any) -> int:
+        if step is not None:
+            if index is not None:
+                raise RolloutTypeError(f"{key}: pass the step either as index or as step=, not both")
+            index = step
+        if type(index) is not int:
+            try:
+                if isinstance(index, bool) or (isinstance(index, Tensor) and index.is_floating_point()):
+                    raise TypeError
+                index = operator.index(index)  # numpy ints, 0-dim integer CPU tensors
+            except TypeError:
+                raise RolloutTypeError(
+                    f"{key}: the step index must be an integer, received {index!r} "
+                    f"({type(index).__name__})"
+                ) from None
+        t = self.num_steps
+        if not -t <= index < t:
+            raise RolloutIndexError(f"{key}: step index {index} is out of range for num_steps={t} (expected 0 <= index < {t})")
+        return index + t if index < 0 else index
+
+    def _check_data(self, key: str, spec: _Spec, data: Any, shape: torch.Size, where: str) -> Tensor:
+        """The slow path: validate anything that is not already an exact match; return a tensor."""
+        expected = f"shape {tuple(shape)}, dtype {spec.dtype}, device {spec.device}"
+        if not isinstance(data, Tensor):
+            try:
+                data = torch.as_tensor(data, device=spec.device)
+            except Exception as exc:
+                raise RolloutTypeError(
+                    f"{key}: {where} expected a tensor ({expected}), received "
+                    f"{type(data).__name__} that cannot be converted: {exc}"
+                ) from None
+        if data.requires_grad:
+            raise RolloutValueError(
+                f"{key}: {where} received data with requires_grad=True; the buffer stores no "
+                f"autograd history: pass data.detach()"
+            )
+        if data.device != spec.device and not (data.dim() == 0 and data.device.type == "cpu"):
+            raise RolloutValueError(f"{key}: {where} expected data on device {spec.device}, received {data.device}")
+        try:
+            broadcast = torch.broadcast_shapes(data.shape, shape) == shape
+        except RuntimeError:
+            broadcast = False
+        if not broadcast:
+            raise RolloutValueError(
+                f"{key}: {where} expected data of {expected} (or broadcastable to it), "
+                f"received shape {tuple(data.shape)}"
+            )
+        if data.is_complex() and not spec.dtype.is_complex:
+            raise RolloutValueError(f"{key}: {where} cannot cast complex data ({data.dtype}) to {spec.dtype}")
+        return data
+
+    def _mark(self, key: str, spec: _Spec, index: int) -> None:
+        written = spec.written
+        if not written[index]:
+            written[index] = 1
+            self.store_dict[key] += index + 1
+
+    # -- reads ------------------------------------------------------------------------------------
+
+    def make_dict(self) -> dict[str, Tensor]:
+        """Check every step of every key was written, reset the tracking, return the flat rollout.
+
+        Returns:
+            ``{key: swap_and_flatten01(buffer)}``: each ``(num_envs * num_steps, *shape)``,
+            env-major (row ``env * num_steps + step``), new tensors.
+
+        Raises:
+            RolloutValueError: a key has missing steps; the message starts with
+                ``Problem with '<key>'`` and names the steps. Nothing is reset then.
+        """
+        total = self.total_sum()
+        for key in self._specs:
+            spec = self._spec(key)
+            if not all(spec.written):
+                missing = [s for s, w in enumerate(spec.written) if not w]
+                shown = ", ".join(map(str, missing[:16])) + (", ..." if len(missing) > 16 else "")
+                raise RolloutValueError(
+                    f"Problem with '{key}', {self.store_dict[key]}, {total}: steps [{shown}] "
+                    f"({len(missing)} of {self.num_steps}) were not written since the last "
+                    f"make_dict; write them with update_data/update_step or batch_update_data"
+                )
+        data = self.get_dict()
+        for key, spec in self._specs.items():
+            spec.written[:] = bytes(self.num_steps)
+            self.store_dict[key] = 0
+        return data
+
+    def get_dict(self) -> dict[str, Tensor]:
+        """The flattened rollout like :meth:`make_dict`, without the check and without a reset."""
+        keys = list(self._specs)
+        if not keys:
+            return {}
+        return dict(zip(keys, ops.flatten([self._spec(k).tensor for k in keys])))
+
+    def extra_repr(self) -> str:
+        keys = ", ".join(f"{k}: {tuple(s.tensor.shape[2:])} {s.dtype}" for k, s in self._specs.items())
+        return f"num_envs={self.num_envs}, num_steps={self.num_steps}, device={self._device}, keys=[{keys}]"
+
+
+def _normalize_shape(key: str, shape: Any) -> tuple[int, ...]:
+    if isinstance(shape, int) and not isinstance(shape, bool):
+        shape = (shape,)
+    try:
+        dims = tuple(shape)
+    except TypeError:
+        raise RolloutValueError(f"{key}: shape must be a tuple of ints, received {shape!r}") from None
+    for d in dims:
+        if isinstance(d, bool) or not isinstance(d, int) or d < 0:
+            raise RolloutValueError(f"{key}: shape must be a tuple of non-negative ints, received {shape!r}")
+    return dims

@@ -1,0 +1,152 @@
+"""DictDataset: shuffled minibatches over a dict of tensors, a drop-in for ProtoMotions' class."""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.utils.data import Dataset
+
+from . import ops
+from .errors import RolloutIndexError, RolloutTypeError, RolloutValueError
+
+__all__ = ["DictDataset"]
+
+
+class DictDataset(Dataset):
+    """Minibatches of a dictionary of tensors, optionally shuffled.
+
+    Tensors may differ in length along dim 0. The longest sets ``num_tensors``, which must be
+    divisible by ``batch_size``; a shorter tensor is indexed modulo its length (for example an
+    expert-data key shorter than the rollout). The permutation is drawn on the tensors' device
+    with torch's RNG: no NumPy, no host round trip.
+
+    Args:
+        batch_size: rows per minibatch; must divide ``num_tensors``.
+        tensor_dict: key -> tensor, all on one device.
+        shuffle: draw a random permutation now (call :meth:`shuffle` for a new one).
+        generator: a ``torch.Generator`` on the tensors' device, for reproducible shuffles.
+
+    Example:
+        >>> data = {"obs": obs_tensor, "actions": action_tensor}
+        >>> dataset = DictDataset(batch_size=256, tensor_dict=data, shuffle=True)
+        >>> for batch in dataset:
+        >>>     train_on_batch(batch)
+    """
+
+    def __init__(
+        self,
+        batch_size: int,
+        tensor_dict: Mapping[str, Tensor],
+        shuffle: bool = False,
+        *,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        if not isinstance(tensor_dict, Mapping) and not hasattr(tensor_dict, "items"):
+            raise RolloutTypeError(
+                f"DictDataset: tensor_dict must be a mapping of key -> tensor, received {type(tensor_dict).__name__}"
+            )
+        if len(tensor_dict) == 0:
+            raise RolloutValueError("DictDataset: tensor_dict is empty; pass at least one key -> tensor")
+        device = None
+        lengths: dict[str, int] = {}
+        for key, value in tensor_dict.items():
+            if not isinstance(value, Tensor):
+                raise RolloutTypeError(f"{key}: DictDataset expected a tensor, received {type(value).__name__}")
+            if value.dim() == 0 or value.shape[0] == 0:
+                raise RolloutValueError(
+                    f"{key}: DictDataset expected a tensor with at least one row along dim 0, "
+                    f"received shape {tuple(value.shape)}"
+                )
+            if value.requires_grad:
+                raise RolloutValueError(
+                    f"{key}: DictDataset received a tensor with requires_grad=True; minibatches "
+                    f"carry no autograd history: pass tensor.detach()"
+                )
+            if device is None:
+                device, first = value.device, key
+            elif value.device != device:
+                raise RolloutValueError(
+                    f"{key}: every tensor must be on one device: '{first}' is on {device}, "
+                    f"'{key}' is on {value.device}"
+                )
+            lengths[key] = value.shape[0]
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
+            raise RolloutValueError(f"DictDataset: batch_size must be a positive int, received {batch_size!r}")
+        num_tensors = max(lengths.values())
+        if num_tensors % batch_size:
+            longest = max(lengths, key=lengths.get)
+            divisors = [d for d in range(1, num_tensors + 1) if num_tensors % d == 0]
+            near = sorted(divisors, key=lambda d: abs(d - batch_size))[:2]
+            raise RolloutValueError(
+                f"{num_tensors} {batch_size}: batch_size {batch_size} does not divide the number "
+                f"of rows {num_tensors} (the length of '{longest}'); choose a batch_size that "
+                f"divides it (nearest: {', '.join(map(str, sorted(near)))}), or change "
+                f"num_envs * num_steps / num_minibatches"
+            )
+        if generator is not None and generator.device.type != device.type:
+            raise RolloutValueError(
+                f"DictDataset: the generator is on {generator.device}, the tensors on {device}; "
+                f"create it with torch.Generator(device={str(device)!r})"
+            )
+        self.batch_size = batch_size
+        self.tensor_dict = tensor_dict
+        self.do_shuffle = shuffle
+        self.num_tensors = num_tensors
+        self.generator = generator
+        self._keys = list(tensor_dict.keys())
+        self._tensors = list(tensor_dict.values())
+        self._device = device
+        self.shuffled_to_original: Tensor = torch.arange(num_tensors, device=device)
+        if shuffle:
+            self.shuffle()
+
+    def shuffle(self) -> None:
+        """Draw a new permutation on the tensors' device (``generator`` makes it reproducible)."""
+        self.shuffled_to_original = torch.randperm(
+            self.num_tensors, device=self._device, generator=self.generator
+        )
+
+    def num_batches(self) -> int:
+        """``num_tensors // batch_size``."""
+        return self.num_tensors // self.batch_size
+
+    def __len__(self) -> int:
+        return self.num_tensors // self.batch_size
+
+    def __getitem__(self, index: int) -> dict[str, Tensor]:
+        """Minibatch ``index``: ``{key: tensor[perm[i*B:(i+1)*B] % len(tensor)]}``.
+
+        Negative ``index`` counts from the end; out of range raises ``IndexError`` (which also
+        ends ``for batch in dataset``).
+        """
+        n = self.num_tensors // self.batch_size
+        if type(index) is not int:
+            index = _as_int(index)
+        if not -n <= index < n:
+            raise RolloutIndexError(f"{index} {n}: batch index {index} is out of range for {n} batches")
+        if index < 0:
+            index += n
+        perm = self.shuffled_to_original
+        if type(perm) is not Tensor:  # the original kept a NumPy array here; accept one
+            perm = self.shuffled_to_original = torch.as_tensor(perm, dtype=torch.int64, device=self._device)
+        outs = ops.gather(self._tensors, perm, index * self.batch_size, self.batch_size)
+        return dict(zip(self._keys, outs))
+
+    def __iter__(self) -> Iterator[dict[str, Tensor]]:
+        for i in range(len(self)):
+            yield self[i]
+
+
+def _as_int(index: Any) -> int:
+    try:
+        if isinstance(index, bool) or (isinstance(index, Tensor) and index.is_floating_point()):
+            raise TypeError
+        return operator.index(index)
+    except TypeError:
+        raise RolloutTypeError(
+            f"batch index must be an integer, received {index!r} ({type(index).__name__})"
+        ) from None

@@ -1,0 +1,106 @@
+"""The array operations behind the classes, with their PyTorch implementations.
+
+``ExperienceBuffer`` and ``DictDataset`` validate and keep state; the data movement goes
+through the functions below. Each picks a backend (see :mod:`rollout_buffers.backend`): the
+Triton launcher in ``rollout_buffers.kernels`` or the PyTorch implementation next to it here.
+The PyTorch implementations are also the reference the kernel tests compare against, bit for
+bit. The arguments arrive validated: the functions below check nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from . import backend
+from .errors import BackendUnavailableError
+
+__all__ = [
+    "write_step",
+    "flatten",
+    "gather",
+    "torch_write_step",
+    "torch_flatten",
+    "torch_gather",
+]
+
+
+# ---------------------------------------------------------------------------------------------
+# PyTorch implementations (CPU path and reference)
+# ---------------------------------------------------------------------------------------------
+
+
+def torch_write_step(dsts: Sequence[Tensor], index: int, srcs: Sequence[Tensor]) -> None:
+    """``dsts[k][index] = srcs[k]`` for every k, with PyTorch's broadcasting and casting."""
+    for dst, src in zip(dsts, srcs):
+        dst.select(0, index).copy_(src)
+
+
+def torch_flatten(srcs: Sequence[Tensor]) -> list[Tensor]:
+    """``swap_and_flatten01`` of every tensor: ``(S0, S1, *rest) -> (S1*S0, *rest)``, new storage.
+
+    An explicit ``empty`` + ``copy_`` rather than ``transpose(0, 1).reshape(...)``: reshape
+    returns a view, not a copy, when S0 or S1 is 1, and the contract promises a new tensor.
+    """
+    outs = []
+    for src in srcs:
+        s0, s1, *rest = src.shape
+        out = torch.empty((s1 * s0, *rest), dtype=src.dtype, device=src.device)
+        out.view(s1, s0, *rest).copy_(src.transpose(0, 1))
+        outs.append(out)
+    return outs
+
+
+def torch_gather(srcs: Sequence[Tensor], perm: Tensor, start: int, count: int) -> list[Tensor]:
+    """``src[perm[start:start+count] % len(src)]`` for every tensor.
+
+    ``index_select`` rather than fancy indexing: on CPU it ran several times faster on the same
+    rows (see bench/). Tensors as long as the permutation skip the modulo; shorter ones share
+    one modulo per distinct length.
+    """
+    idx = perm[start : start + count]
+    n = perm.shape[0]
+    by_len: dict[int, Tensor] = {n: idx}
+    outs = []
+    for src in srcs:
+        length = src.shape[0]
+        i = by_len.get(length)
+        if i is None:
+            i = by_len[length] = torch.remainder(idx, length)
+        outs.append(torch.index_select(src, 0, i))
+    return outs
+
+
+# ---------------------------------------------------------------------------------------------
+# Dispatch
+# ---------------------------------------------------------------------------------------------
+
+
+def _kernels():
+    raise BackendUnavailableError(
+        "the Triton kernels are not available yet in this version; use backend 'torch' "
+        "(ROLLOUT_BUFFERS_BACKEND=torch) or 'auto'"
+    )
+
+
+def write_step(dsts: Sequence[Tensor], index: int, srcs: Sequence[Tensor]) -> None:
+    """Write ``srcs[k]`` into step ``index`` of ``dsts[k]`` (buffers shaped ``(T, N, *shape)``)."""
+    if backend.use_triton(dsts[0].device):
+        _kernels()
+    torch_write_step(dsts, index, srcs)
+
+
+def flatten(srcs: Sequence[Tensor]) -> list[Tensor]:
+    """Swap and flatten the first two dims of every tensor into new contiguous tensors."""
+    if backend.use_triton(srcs[0].device):
+        _kernels()
+    return torch_flatten(srcs)
+
+
+def gather(srcs: Sequence[Tensor], perm: Tensor, start: int, count: int) -> list[Tensor]:
+    """Rows ``perm[start:start+count]`` (modulo each tensor's length) of every tensor."""
+    if backend.use_triton(perm.device):
+        _kernels()
+    return torch_gather(srcs, perm, start, count)
