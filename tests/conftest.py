@@ -1,0 +1,50 @@
+"""Shared test configuration: the repository root on sys.path (for bench.original), hypothesis
+profiles, and the dtypes of the contract."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+try:
+    from hypothesis import HealthCheck, settings
+
+    # "ci": bounded, deterministic; "long": `make fuzz`.
+    settings.register_profile(
+        "ci", max_examples=40, deadline=None, derandomize=True,
+        suppress_health_check=[HealthCheck.too_slow],
+    )
+    settings.register_profile(
+        "long", max_examples=3000, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+    )
+    settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+except ImportError:  # hypothesis is a test extra; tests that need it import it themselves
+    pass
+
+#: Every dtype of the contract.
+DTYPES = [
+    torch.bool, torch.uint8, torch.int32, torch.int64,
+    torch.float16, torch.bfloat16, torch.float32, torch.float64,
+]
+
+
+def random_tensor(shape, dtype, device="cpu", generator=None) -> torch.Tensor:
+    """Fresh random data of any dtype (bit patterns for floats include no NaN surprises)."""
+    if dtype == torch.bool:
+        return torch.randint(0, 2, shape, generator=generator).bool().to(device)
+    if dtype.is_floating_point:
+        return torch.randn(shape, generator=generator).to(dtype).to(device)
+    info = torch.iinfo(dtype)
+    lo, hi = max(info.min, -(2**31)), min(info.max, 2**31 - 1)
+    return torch.randint(lo, hi, shape, generator=generator, dtype=torch.int64).to(dtype).to(device)
+
+
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
