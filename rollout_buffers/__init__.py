@@ -9,6 +9,7 @@ everywhere else. See the README for the compatibility promise and the backends.
 from .backend import get_backend, set_backend, use_backend
 from .buffer import ExperienceBuffer, swap_and_flatten01
 from .dataset import DictDataset
+from .gae import compute_gae
 from .errors import (
     BackendUnavailableError,
     RolloutBuffersError,
@@ -24,6 +25,7 @@ __all__ = [
     "ExperienceBuffer",
     "DictDataset",
     "swap_and_flatten01",
+    "compute_gae",
     "get_backend",
     "set_backend",
     "use_backend",
