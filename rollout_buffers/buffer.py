@@ -99,6 +99,12 @@ class ExperienceBuffer(nn.Module):
                 raise RolloutValueError(f"{name} must be a positive int, received {value!r}")
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
+        try:
+            device = torch.device(device)
+        except (RuntimeError, TypeError) as exc:
+            raise RolloutValueError(
+                f"device: expected a torch.device or a device string, received {device!r}: {exc}"
+            ) from None
         self.num_envs = num_envs
         self.num_steps = num_steps
         self.store_dict: dict[str, int | float] = {}
@@ -203,6 +209,7 @@ class ExperienceBuffer(nn.Module):
             and data.dtype == spec.dtype
             and data.device == spec.device
             and not data.requires_grad
+            and data.layout == torch.strided
         ):
             data = self._check_data(key, spec, data, spec.row_shape, "update_data")
         ops.write_step((spec.tensor,), index, (data,))
@@ -234,10 +241,16 @@ class ExperienceBuffer(nn.Module):
                 and data.dtype == spec.dtype
                 and data.device == spec.device
                 and not data.requires_grad
+                and data.layout == torch.strided
             ):
                 data = self._check_data(key, spec, data, spec.row_shape, "update_step")
             specs.append(spec)
             srcs.append(data)
+        if torch.compiler.is_compiling():
+            # Dynamo cannot trace the step bookkeeping (_mark writes a bytearray): the compiled
+            # write operator marks the steps itself when the compiled code runs.
+            ops.write_step([s.tensor for s in specs], index, srcs, owner=self, keys=list(tensors.keys()))
+            return
         ops.write_step([s.tensor for s in specs], index, srcs)
         for key, spec in zip(tensors.keys(), specs):
             self._mark(key, spec, index)
@@ -250,6 +263,43 @@ class ExperienceBuffer(nn.Module):
         spec.written[:] = b"\x01" * self.num_steps
         self.store_dict[key] = self.total_sum()
 
+    def compute_gae(
+        self,
+        gamma: float,
+        lam: float,
+        *,
+        rewards: str = "rewards",
+        values: str = "value",
+        next_values: str = "next_value",
+        dones: str = "dones",
+        advantages: str = "advantages",
+        returns: str = "returns",
+    ) -> None:
+        """Generalized advantage estimation from named keys, written into two keys in place.
+
+        Reads the whole rollout of ``rewards``, ``values``, ``next_values`` and ``dones`` and
+        writes ``advantages`` and ``returns = advantages + values`` (see
+        :func:`rollout_buffers.compute_gae` for the recursion), then marks every step of those
+        two keys written, as :meth:`batch_update_data` does. The output keys must hold as many
+        elements per step as ``values`` (a ``()``-shaped key takes a ``(1,)``-shaped value).
+        One launch on CUDA.
+        """
+        from .gae import compute_gae
+
+        names = (rewards, values, next_values, dones, advantages, returns)
+        r, v, nv, d, adv, ret = (self._spec(k).tensor for k in names)
+        for key, out in ((advantages, adv), (returns, ret)):
+            if out.shape[2:].numel() != v.shape[2:].numel() or out.dtype != v.dtype:
+                raise RolloutValueError(
+                    f"{key}: compute_gae writes values' per-step shape {tuple(v.shape[2:])} and "
+                    f"dtype {v.dtype} ('{values}'); '{key}' has shape {tuple(out.shape[2:])}, "
+                    f"dtype {out.dtype}"
+                )
+        compute_gae(r, v, nv, d, gamma, lam, out=(adv.view(v.shape), ret.view(v.shape)))
+        for key in (advantages, returns):
+            self._specs[key].written[:] = b"\x01" * self.num_steps
+            self.store_dict[key] = self.total_sum()
+
     def _step_index(self, key: str, index: Any, step: Any) -> int:
         if step is not None:
             if index is not None:
@@ -260,7 +310,7 @@ class ExperienceBuffer(nn.Module):
                 if isinstance(index, bool) or (isinstance(index, Tensor) and index.is_floating_point()):
                     raise TypeError
                 index = operator.index(index)  # numpy ints, 0-dim integer CPU tensors
-            except TypeError:
+            except (TypeError, RuntimeError):  # RuntimeError: a meta tensor has no value
                 raise RolloutTypeError(
                     f"{key}: the step index must be an integer, received {index!r} "
                     f"({type(index).__name__})"
@@ -281,6 +331,11 @@ class ExperienceBuffer(nn.Module):
                     f"{key}: {where} expected a tensor ({expected}), received "
                     f"{type(data).__name__} that cannot be converted: {exc}"
                 ) from None
+        if data.layout != torch.strided:  # copy_ would fail after other keys were written
+            raise RolloutTypeError(
+                f"{key}: {where} expected a dense tensor ({expected}), received layout "
+                f"{data.layout}: pass data.to_dense()"
+            )
         if data.requires_grad:
             raise RolloutValueError(
                 f"{key}: {where} received data with requires_grad=True; the buffer stores no "
@@ -288,6 +343,9 @@ class ExperienceBuffer(nn.Module):
             )
         if data.device != spec.device and not (data.dim() == 0 and data.device.type == "cpu"):
             raise RolloutValueError(f"{key}: {where} expected data on device {spec.device}, received {data.device}")
+        lead = data.dim() - len(shape)
+        if lead > 0 and all(s == 1 for s in data.shape[:lead]):
+            data = data.reshape(data.shape[lead:])  # PyTorch assignment drops leading size-1 dims
         try:
             broadcast = torch.broadcast_shapes(data.shape, shape) == shape
         except RuntimeError:

@@ -87,6 +87,11 @@ class DictDataset(Dataset):
                 f"divides it (nearest: {', '.join(map(str, sorted(near)))}), or change "
                 f"num_envs * num_steps / num_minibatches"
             )
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise RolloutTypeError(
+                f"DictDataset: generator must be a torch.Generator or None, received "
+                f"{type(generator).__name__}"
+            )
         if generator is not None and generator.device.type != device.type:
             raise RolloutValueError(
                 f"DictDataset: the generator is on {generator.device}, the tensors on {device}; "
@@ -146,7 +151,7 @@ def _as_int(index: Any) -> int:
         if isinstance(index, bool) or (isinstance(index, Tensor) and index.is_floating_point()):
             raise TypeError
         return operator.index(index)
-    except TypeError:
+    except (TypeError, RuntimeError):  # RuntimeError: a meta tensor has no value
         raise RolloutTypeError(
             f"batch index must be an integer, received {index!r} ({type(index).__name__})"
         ) from None

@@ -10,6 +10,13 @@ from pathlib import Path
 import pytest
 import torch
 
+# Without a GPU the Triton kernels can only run in Triton's CPU interpreter, and triton reads
+# this variable when a kernel is defined: set it once here, before any test module imports
+# rollout_buffers.kernels, so test order cannot change which mode a module gets. On a GPU machine
+# it stays unset and the kernels compile for real.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
