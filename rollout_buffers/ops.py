@@ -15,7 +15,6 @@ import torch
 from torch import Tensor
 
 from . import backend
-from .errors import BackendUnavailableError
 
 __all__ = [
     "write_step",
@@ -34,7 +33,7 @@ __all__ = [
 
 def torch_write_step(dsts: Sequence[Tensor], index: int, srcs: Sequence[Tensor]) -> None:
     """``dsts[k][index] = srcs[k]`` for every k, with PyTorch's broadcasting and casting."""
-    for dst, src in zip(dsts, srcs):
+    for dst, src in zip(dsts, srcs, strict=True):
         dst.select(0, index).copy_(src)
 
 
@@ -78,29 +77,46 @@ def torch_gather(srcs: Sequence[Tensor], perm: Tensor, start: int, count: int) -
 # ---------------------------------------------------------------------------------------------
 
 
-def _kernels():
-    raise BackendUnavailableError(
-        "the Triton kernels are not available yet in this version; use backend 'torch' "
-        "(ROLLOUT_BUFFERS_BACKEND=torch) or 'auto'"
-    )
+def _as_source(dst: Tensor, src: Tensor) -> Tensor:
+    """``src`` made exactly what the kernel expects: ``dst``'s dtype, device and row shape.
+
+    Views where possible (``expand`` costs no copy; the kernel reads stride-0 rows in place).
+    A 0-dim CPU tensor becomes a 0-dim device tensor through ``item()`` (host memory: no
+    synchronization) and ``torch.full`` (no host-to-device copy).
+    """
+    if src.device != dst.device:
+        src = torch.full((), src.item(), dtype=dst.dtype, device=dst.device)
+    elif src.dtype != dst.dtype:
+        src = src.to(dst.dtype)
+    shape = dst.shape[1:]
+    if src.shape != shape:
+        src = src.expand(shape)
+    return src
 
 
 def write_step(dsts: Sequence[Tensor], index: int, srcs: Sequence[Tensor]) -> None:
     """Write ``srcs[k]`` into step ``index`` of ``dsts[k]`` (buffers shaped ``(T, N, *shape)``)."""
     if backend.use_triton(dsts[0].device):
-        _kernels()
-    torch_write_step(dsts, index, srcs)
+        from . import kernels
+
+        kernels.step_write(dsts, index, [_as_source(d, s) for d, s in zip(dsts, srcs, strict=True)])
+    else:
+        torch_write_step(dsts, index, srcs)
 
 
 def flatten(srcs: Sequence[Tensor]) -> list[Tensor]:
     """Swap and flatten the first two dims of every tensor into new contiguous tensors."""
     if backend.use_triton(srcs[0].device):
-        _kernels()
+        from . import kernels
+
+        return kernels.transpose_flatten(srcs)
     return torch_flatten(srcs)
 
 
 def gather(srcs: Sequence[Tensor], perm: Tensor, start: int, count: int) -> list[Tensor]:
     """Rows ``perm[start:start+count]`` (modulo each tensor's length) of every tensor."""
     if backend.use_triton(perm.device):
-        _kernels()
+        from . import kernels
+
+        return kernels.permuted_gather(srcs, perm, start, count)
     return torch_gather(srcs, perm, start, count)

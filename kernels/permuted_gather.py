@@ -1,0 +1,121 @@
+"""Minibatch gather: ``out[k][r] = srcs[k][perm[start + r] % len(srcs[k])]``, in one launch.
+
+The permutation stays on the device and is read by the kernel, so serving a minibatch costs
+no host round trip. Each output unit loads its row's permutation entry (the ``RU`` units of a
+row hit the same cached word), reduces it modulo the key's length only for keys shorter than
+the permutation, and copies its unit. The sources (the dataset's tensors) are fixed, so their
+descriptors live in a device table built once; outputs are new every call (a tuple of tensors).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from ._common import (
+    BLOCK_BYTES,
+    CHUNK,
+    I32_LIMIT,
+    NUM_WARPS,
+    addr,
+    cached_table,
+    dense_rows,
+    device_guard,
+    n_programs,
+    unit_ptrs,
+    word_bytes,
+)
+
+# Table columns (strides and sizes in units of the key's WB bytes).
+_PTR, _S0U, _LEN, _RU, _NU, _P0, _P1 = (tl.constexpr(i) for i in range(7))
+
+
+@triton.jit
+def _copy_rows(p_t, d_p, perm, start, i_b, WB: tl.constexpr, MOD: tl.constexpr,
+               I32: tl.constexpr, BB: tl.constexpr, CH: tl.constexpr):  # fmt: skip
+    s_p = addr(tl.load(p_t + _PTR))
+    s_0 = tl.load(p_t + _S0U)
+    n_l = tl.load(p_t + _LEN)
+    r_u = tl.load(p_t + _RU)
+    n_u = tl.load(p_t + _NU)
+    o_0 = i_b * (BB // WB)
+    for i_c in range(BB // WB // CH):
+        o_d = o_0 + i_c * CH + tl.arange(0, CH)
+        m_u = o_d < n_u
+        # Output unit -> output row and column; rows and lengths fit in 32 bits.
+        if I32:
+            o_32 = o_d.to(tl.int32)
+            i_r = o_32 // r_u.to(tl.int32)
+            o_c = (o_32 - i_r * r_u.to(tl.int32)).to(tl.int64)
+        else:
+            i_r = o_d // r_u
+            o_c = o_d - i_r * r_u
+        i_s = tl.load(perm + start + i_r, mask=m_u, other=0).to(tl.int32)
+        if MOD:
+            i_s = i_s % n_l.to(tl.int32)
+        o_s = i_s.to(tl.int64) * s_0 + o_c
+        b_x = tl.load(unit_ptrs(s_p, o_s, WB), mask=m_u[:, None])
+        tl.store(unit_ptrs(d_p, o_d, WB), b_x, mask=m_u[:, None])
+
+
+@triton.jit(do_not_specialize=["start"])
+def _permuted_gather_kernel(tab, outs, perm, start, K: tl.constexpr, WB: tl.constexpr,
+                            MOD: tl.constexpr, I32: tl.constexpr, BB: tl.constexpr,
+                            CH: tl.constexpr):  # fmt: skip
+    i_p = tl.program_id(0).to(tl.int64)
+    p_s = perm + start.to(tl.int64)
+    for k in tl.static_range(K):
+        p_t = tab + k * 8
+        p_0 = tl.load(p_t + _P0)
+        if (i_p >= p_0) & (i_p < tl.load(p_t + _P1)):
+            d_p = outs[k].to(tl.pointer_type(tl.int8))
+            _copy_rows(p_t, d_p, p_s, 0, i_p - p_0, WB[k], MOD[k], I32[k], BB, CH)
+
+
+def _build(srcs: Sequence[Tensor], n: int, count: int):
+    rows, wbs, mods, i32s, p = [], [], [], [], 0
+    for s in srcs:
+        es = s.element_size()
+        rb = math.prod(s.shape[1:]) * es
+        s0b = s.stride(0) * es
+        wb = word_bytes(s.data_ptr(), rb, s0b)
+        n_u = count * rb // wb
+        q = p + n_programs(count * rb)
+        rows.append((s.data_ptr(), s0b // wb, s.shape[0], rb // wb, n_u, p, q))
+        wbs.append(wb)
+        mods.append(s.shape[0] < n)
+        i32s.append(n_u < I32_LIMIT)
+        p = q
+    return srcs[0].device, rows, (tuple(wbs), tuple(mods), tuple(i32s), p)
+
+
+def permuted_gather(srcs: Sequence[Tensor], perm: Tensor, start: int, count: int) -> list[Tensor]:
+    """Gather rows ``perm[start:start+count]`` (modulo each tensor's length), in one launch.
+
+    Args:
+        srcs: tensors ``(L_k, *shape_k)`` on ``perm``'s device, any dtypes, any row stride
+            (rows that are not dense are made contiguous first). ``L_k >= 1``.
+        perm: 1-D int64 permutation of ``range(n)`` (``n < 2**31``), read on the device.
+        start: first entry of ``perm`` to use (not a compile-time constant).
+        count: rows to gather, ``start + count <= n``.
+
+    Returns:
+        New contiguous tensors ``(count, *shape_k)``: ``out[k][r] = srcs[k][perm[start + r] % L_k]``.
+    """
+    n = perm.shape[0]
+    srcs = [s if s.is_contiguous() or dense_rows(s, 1) else s.contiguous() for s in srcs]
+    key = (n, count) + tuple((s.data_ptr(), s.shape, s.stride(), s.dtype) for s in srcs)
+    tab, (wbs, mods, i32s, grid), _ = cached_table(key, lambda: _build(srcs, n, count))
+    outs = [torch.empty((count, *s.shape[1:]), dtype=s.dtype, device=s.device) for s in srcs]
+    if grid:
+        with device_guard(perm):
+            _permuted_gather_kernel[(grid,)](
+                tab, tuple(outs), perm, start, K=len(outs), WB=wbs, MOD=mods, I32=i32s,
+                BB=BLOCK_BYTES, CH=CHUNK, num_warps=NUM_WARPS,
+            )  # fmt: skip
+    return outs

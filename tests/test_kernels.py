@@ -1,0 +1,282 @@
+"""The Triton kernels under Triton's CPU interpreter, bit for bit against the PyTorch reference.
+
+Every launcher of ``rollout_buffers.kernels`` is compared with ``rollout_buffers.ops.torch_*``
+(``torch.equal``: these are copies) on fresh random data for every dtype of the contract,
+scalar and multi-dim keys, odd sizes (7 envs, 3 steps; rows of 1, 12 and 4096 bytes) and
+non-contiguous or misaligned inputs. Destinations and outputs are poisoned first so that a
+row the kernel forgets shows up.
+"""
+
+import os
+
+# Before triton is imported anywhere; the value it replaces is restored after this module.
+os.environ["ROLLOUT_BUFFERS_TEST_PREVIOUS_INTERPRET"] = os.environ.get("TRITON_INTERPRET", "")
+os.environ["TRITON_INTERPRET"] = "1"
+
+import importlib
+import math
+
+import pytest
+
+pytest.importorskip("triton")
+
+import rollout_buffers.kernels as K
+import torch
+
+from rollout_buffers import backend, ops
+
+pytestmark = pytest.mark.interpreter
+
+
+def reload_kernels():
+    """Decorate the kernels again: ``triton.jit`` reads TRITON_INTERPRET when it runs."""
+    for name in ("_common", "step_write", "transpose_flatten", "permuted_gather"):
+        importlib.reload(importlib.import_module(f"rollout_buffers.kernels.{name}"))
+    importlib.reload(K)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def interpreted_kernels():
+    """Kernels built for the interpreter here, whatever imported them first; restored after.
+
+    Another test module may have imported the kernels without the interpreter (a GPU run),
+    and the modules after this one must not inherit the interpreter.
+    """
+    os.environ["TRITON_INTERPRET"] = "1"
+    reload_kernels()
+    yield
+    previous = os.environ.get("ROLLOUT_BUFFERS_TEST_PREVIOUS_INTERPRET", "")
+    if previous:
+        os.environ["TRITON_INTERPRET"] = previous
+    else:
+        os.environ.pop("TRITON_INTERPRET", None)
+    reload_kernels()
+
+
+def step_write(*args):
+    return K.step_write(*args)
+
+
+def transpose_flatten(*args):
+    return K.transpose_flatten(*args)
+
+
+def permuted_gather(*args):
+    return K.permuted_gather(*args)
+
+
+DTYPES = [
+    torch.bool,
+    torch.uint8,
+    torch.int32,
+    torch.int64,
+    torch.float16,
+    torch.bfloat16,
+    torch.float32,
+    torch.float64,
+]
+T, N = 3, 7  # odd on purpose: nothing divides nicely
+POISON = 0xA5
+
+
+def rand(shape, dtype):
+    if dtype == torch.bool:
+        return torch.randint(0, 2, shape).bool()
+    if dtype.is_floating_point:
+        return torch.randn(shape).to(dtype)
+    info = torch.iinfo(dtype)
+    lo, hi = max(info.min, -(2**31)), min(info.max, 2**31 - 1)
+    return torch.randint(lo, hi, shape, dtype=torch.int64).to(dtype)
+
+
+def poisoned(shape, dtype):
+    t = torch.empty(shape, dtype=dtype)
+    t.untyped_storage().fill_(POISON)
+    return t
+
+
+def key_shapes(dtype):
+    """Scalar, 12-byte-ish, multi-dim and 4096-byte rows for ``dtype``."""
+    size = torch.empty((), dtype=dtype).element_size()
+    return [(), (3,), (2, 3), (max(12 // size, 1),), (4096 // size,)]
+
+
+@pytest.fixture(autouse=True)
+def poison_outputs(monkeypatch):
+    """Every tensor the launchers allocate starts as 0xA5 bytes, not zeros or old data."""
+    real = torch.empty
+
+    def empty(*args, **kwargs):
+        t = real(*args, **kwargs)
+        if t.numel():
+            t.untyped_storage().fill_(POISON)
+        return t
+
+    monkeypatch.setattr(torch, "empty", empty)
+
+
+def source_variants(shape, dtype, rows):
+    """The same logical ``(rows, *shape)`` source in several memory layouts."""
+    n_el = math.prod(shape)
+    out = {"contiguous": rand((rows, *shape), dtype)}
+    out["every_other_row"] = rand((2 * rows, *shape), dtype)[::2]
+    out["expanded_row"] = rand((1, *shape), dtype).expand(rows, *shape)
+    # Base address one element past an allocation: the unit shrinks to the element size.
+    flat = rand((rows * n_el + 1,), dtype)
+    out["misaligned"] = flat[1:].view(rows, *shape)
+    if len(shape) >= 1 and shape[-1] > 1:
+        # Rows that are not dense (every other column): copied to a dense layout first.
+        out["strided_columns"] = rand((rows, *shape[:-1], 2 * shape[-1]), dtype)[..., ::2]
+        # A column slice of a wider tensor: dense rows with a row stride larger than the row.
+        wide = rand((rows, *shape[:-1], shape[-1] + 1), dtype)
+        out["column_slice"] = wide[..., 1:] if len(shape) == 1 else wide[..., :-1]
+    if len(shape) == 2:
+        out["transposed_row"] = rand((rows, shape[1], shape[0]), dtype).transpose(1, 2)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# step_write
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_step_write_matches_torch_for_every_layout(dtype):
+    for shape in key_shapes(dtype):
+        for name, src in source_variants(shape, dtype, N).items():
+            dst = rand((T, N, *shape), dtype)  # random bytes: a wrong step or row shows
+            ref = dst.clone()
+            for index in (T - 1, 0):
+                step_write([dst], index, [src])
+                ops.torch_write_step([ref], index, [src])
+                assert torch.equal(dst, ref), (shape, name, index)
+
+
+def test_step_write_mixed_dtypes_in_one_launch():
+    keys = [(shape, dtype) for dtype in DTYPES for shape in key_shapes(dtype)[:3]]
+    keys.append(((0,), torch.float32))  # an empty row moves nothing
+    dsts = [rand((T, N, *s), d) for s, d in keys]
+    refs = [d.clone() for d in dsts]
+    for index in range(T):
+        srcs = []
+        for i, (s, d) in enumerate(keys):
+            variants = list(source_variants(s, d, N).values())
+            srcs.append(variants[(i + index) % len(variants)])
+        step_write(dsts, index, srcs)
+        ops.torch_write_step(refs, index, srcs)
+    for (s, d), a, b in zip(keys, dsts, refs, strict=True):
+        assert torch.equal(a, b), (s, d)
+
+
+def test_step_write_reuses_the_descriptor_table():
+    dsts = [rand((T, N, 5), torch.float32), rand((T, N), torch.int64)]
+    srcs = [rand((N, 5), torch.float32), rand((N,), torch.int64)]
+    step_write(dsts, 0, srcs)
+    before = len(K._common._TABLES)
+    for index in range(T):
+        step_write(dsts, index, srcs)
+    assert len(K._common._TABLES) == before
+
+
+def test_write_step_through_ops_casts_and_broadcasts():
+    """ops.write_step normalizes sources (dtype, broadcast, 0-dim CPU) before the kernel."""
+    dsts = [
+        rand((T, N, 4), torch.float32),
+        rand((T, N), torch.bfloat16),
+        rand((T, N, 2), torch.bool),
+    ]
+    refs = [d.clone() for d in dsts]
+    srcs = [rand((4,), torch.float64), torch.tensor(2.5), rand((N, 1), torch.int32)]
+    with backend.use_backend("triton"):
+        ops.write_step(dsts, 1, srcs)
+    ops.torch_write_step(refs, 1, srcs)
+    for a, b in zip(dsts, refs, strict=True):
+        assert torch.equal(a, b)
+
+
+# ---------------------------------------------------------------------------------------------
+# transpose_flatten
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_transpose_flatten_matches_torch(dtype):
+    srcs = []
+    for shape in key_shapes(dtype):
+        srcs.append(rand((T, N, *shape), dtype))
+        srcs.append(rand((N, T, *shape), dtype).transpose(0, 1))  # env-major storage
+        srcs.append(rand((T, 2 * N, *shape), dtype)[:, ::2])  # strided dim 1
+        if shape and shape[-1] > 1:
+            srcs.append(rand((T, N, *shape[:-1], shape[-1] + 1), dtype)[..., 1:])  # row slice
+    # One launch for everything, then one key at a time.
+    outs = transpose_flatten(srcs)
+    for src, out, ref in zip(srcs, outs, ops.torch_flatten(srcs), strict=True):
+        assert out.is_contiguous() and out.shape == ref.shape
+        assert torch.equal(out, ref), (src.shape, src.stride())
+    for src in srcs[:4]:
+        assert torch.equal(transpose_flatten([src])[0], ops.torch_flatten([src])[0])
+
+
+@pytest.mark.parametrize("s0,s1", [(1, 5), (5, 1), (1, 1), (2, 3)])
+def test_transpose_flatten_degenerate_dims(s0, s1):
+    srcs = [rand((s0, s1, 3), torch.float32), rand((s0, s1), torch.bool)]
+    for out, ref in zip(transpose_flatten(srcs), ops.torch_flatten(srcs), strict=True):
+        assert torch.equal(out, ref)
+        assert out.data_ptr() not in (s.data_ptr() for s in srcs)  # always a new tensor
+
+
+# ---------------------------------------------------------------------------------------------
+# permuted_gather
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_permuted_gather_matches_torch(dtype):
+    n, batch = 21, 7
+    perm = torch.randperm(n)
+    srcs = []
+    for shape in key_shapes(dtype):
+        srcs.append(rand((n, *shape), dtype))
+        srcs.append(rand((5, *shape), dtype))  # shorter: indexed modulo its length
+        srcs.append(rand((2 * n, *shape), dtype)[::2])  # row-strided
+    srcs.append(rand((1, 3), dtype))  # length 1: every row is row 0
+    for start in (0, batch, n - batch):
+        outs = permuted_gather(srcs, perm, start, batch)
+        refs = ops.torch_gather(srcs, perm, start, batch)
+        for src, out, ref in zip(srcs, outs, refs, strict=True):
+            assert out.is_contiguous() and out.shape == ref.shape
+            assert torch.equal(out, ref), (src.shape, src.stride(), start)
+
+
+def test_permuted_gather_mixed_keys_and_misaligned_sources():
+    n = 24
+    perm = torch.randperm(n)
+    srcs = []
+    for i, dtype in enumerate(DTYPES):
+        shape = key_shapes(dtype)[i % 5]
+        variants = source_variants(shape, dtype, n if i % 2 else 9)
+        srcs.extend(variants[k] for k in ("misaligned", "contiguous"))
+    for start in range(0, n, 8):
+        outs = permuted_gather(srcs, perm, start, 8)
+        for out, ref in zip(outs, ops.torch_gather(srcs, perm, start, 8), strict=True):
+            assert torch.equal(out, ref)
+
+
+def test_gather_and_flatten_through_ops():
+    srcs = [rand((T, N, 3), torch.float16), rand((T, N), torch.int64)]
+    with backend.use_backend("triton"):
+        flat = ops.flatten(srcs)
+        perm = torch.randperm(T * N)
+        got = ops.gather(flat, perm, 7, 7)
+    for a, b in zip(flat, ops.torch_flatten(srcs), strict=True):
+        assert torch.equal(a, b)
+    for a, b in zip(got, ops.torch_gather(flat, perm, 7, 7), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_word_bytes_picks_the_widest_shared_power_of_two():
+    assert K._common.word_bytes(4096, 1 << 20) == 16
+    assert K._common.word_bytes(940, 64) == 4
+    assert K._common.word_bytes(24, 16) == 8
+    assert K._common.word_bytes(15) == 1
+    assert K._common.word_bytes(0) == 16
