@@ -16,7 +16,7 @@ from collections.abc import Iterator
 
 import torch
 
-from .errors import BackendUnavailableError
+from .errors import BackendUnavailableError, RolloutValueError
 
 __all__ = ["BACKENDS", "get_backend", "set_backend", "use_backend", "triton_available"]
 
@@ -26,7 +26,7 @@ _ENV = "ROLLOUT_BUFFERS_BACKEND"
 
 def _check(name: str) -> str:
     if not isinstance(name, str) or name.lower() not in BACKENDS:
-        raise ValueError(f"unknown backend {name!r}: expected one of {', '.join(BACKENDS)}")
+        raise RolloutValueError(f"unknown backend {name!r}: expected one of {', '.join(BACKENDS)}")
     return name.lower()
 
 
