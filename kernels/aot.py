@@ -102,7 +102,9 @@ def _compile(job):
             attrs[(i,)] = [["tt.divisibility", 16]]
     try:
         src = ASTSource(fn=fn, signature=sig, constexprs=cx, attrs=attrs)
-        c = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps})
+        c = triton.compile(
+            src, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps}
+        )
     except Exception as e:  # noqa: BLE001 - reported, then the run fails
         return label, arch, None, f"{type(e).__name__}: {str(e)[:400]}"
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:

@@ -9,7 +9,6 @@ everywhere else. See the README for the compatibility promise and the backends.
 from .backend import get_backend, set_backend, use_backend
 from .buffer import ExperienceBuffer, swap_and_flatten01
 from .dataset import DictDataset
-from .gae import compute_gae
 from .errors import (
     BackendUnavailableError,
     RolloutBuffersError,
@@ -18,6 +17,7 @@ from .errors import (
     RolloutTypeError,
     RolloutValueError,
 )
+from .gae import compute_gae
 
 __version__ = "0.1.0"
 

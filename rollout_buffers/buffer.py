@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import operator
 import weakref
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -11,6 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from . import ops
+from ._index import as_index
 from .errors import (
     RolloutIndexError,
     RolloutKeyError,
@@ -42,7 +42,9 @@ def swap_and_flatten01(arr: Tensor | None) -> Tensor | None:
     if arr is None:
         return None
     if not isinstance(arr, Tensor):
-        raise RolloutTypeError(f"swap_and_flatten01: expected a tensor, received {type(arr).__name__}")
+        raise RolloutTypeError(
+            f"swap_and_flatten01: expected a tensor, received {type(arr).__name__}"
+        )
     if arr.dim() < 2:
         raise RolloutValueError(
             f"swap_and_flatten01: expected a tensor with at least 2 dimensions "
@@ -173,7 +175,9 @@ class ExperienceBuffer(nn.Module):
         if key in self._specs:
             raise RolloutKeyError(f"{key}: key '{key}' is already registered")
         if not key or "." in key:
-            raise RolloutKeyError(f"{key}: a key must be a non-empty string without '.', received {key!r}")
+            raise RolloutKeyError(
+                f"{key}: a key must be a non-empty string without '.', received {key!r}"
+            )
         if hasattr(self, key):
             raise RolloutKeyError(
                 f"{key}: '{key}' clashes with an existing attribute of ExperienceBuffer; choose another name"
@@ -181,7 +185,9 @@ class ExperienceBuffer(nn.Module):
         shape = _normalize_shape(key, shape)
         if not isinstance(dtype, torch.dtype):
             raise RolloutTypeError(f"{key}: dtype must be a torch.dtype, received {dtype!r}")
-        tensor = torch.zeros((self.num_steps, self.num_envs, *shape), dtype=dtype, device=self._device)
+        tensor = torch.zeros(
+            (self.num_steps, self.num_envs, *shape), dtype=dtype, device=self._device
+        )
         self.register_buffer(key, tensor, persistent=False)
         self._specs[key] = _Spec(tensor, bytearray(self.num_steps))
         self.store_dict[key] = 0
@@ -192,7 +198,9 @@ class ExperienceBuffer(nn.Module):
         """``(num_steps + 1) * num_steps / 2``: ``store_dict[key]`` once every step is written."""
         return (self.num_steps + 1) * (self.num_steps / 2)
 
-    def update_data(self, key: str, index: int | None = None, data: Any = None, *, step: int | None = None) -> None:
+    def update_data(
+        self, key: str, index: int | None = None, data: Any = None, *, step: int | None = None
+    ) -> None:
         """Write ``data`` at one step of ``key``: ``buffer.<key>[index] = data``.
 
         Broadcasting and dtype casting follow PyTorch assignment. The step may be given as
@@ -233,7 +241,9 @@ class ExperienceBuffer(nn.Module):
                 f"update_step: tensors must be a mapping of key -> tensor, received {type(tensors).__name__}"
             )
         if len(tensors) == 0:
-            raise RolloutValueError("update_step: tensors is empty; pass at least one key -> tensor")
+            raise RolloutValueError(
+                "update_step: tensors is empty; pass at least one key -> tensor"
+            )
         index = self._step_index("update_step", index, None)
         specs, srcs = [], []
         for key, data in tensors.items():
@@ -252,7 +262,9 @@ class ExperienceBuffer(nn.Module):
         if torch.compiler.is_compiling():
             # One opaque operator for the compiler; it also does the step bookkeeping, which
             # must run when the compiled code runs (Dynamo cannot trace the bytearray writes).
-            _update_step_op([s.tensor for s in specs], index, srcs, self._token, "\0".join(tensors.keys()))
+            _update_step_op(
+                [s.tensor for s in specs], index, srcs, self._token, "\0".join(tensors.keys())
+            )
             return
         ops.write_step([s.tensor for s in specs], index, srcs)
         for key, spec in zip(tensors.keys(), specs):
@@ -306,24 +318,22 @@ class ExperienceBuffer(nn.Module):
     def _step_index(self, key: str, index: Any, step: Any) -> int:
         if step is not None:
             if index is not None:
-                raise RolloutTypeError(f"{key}: pass the step either as index or as step=, not both")
+                raise RolloutTypeError(
+                    f"{key}: pass the step either as index or as step=, not both"
+                )
             index = step
         if type(index) is not int:
-            try:
-                if isinstance(index, bool) or (isinstance(index, Tensor) and index.is_floating_point()):
-                    raise TypeError
-                index = operator.index(index)  # numpy ints, 0-dim integer CPU tensors
-            except (TypeError, RuntimeError):  # RuntimeError: a meta tensor has no value
-                raise RolloutTypeError(
-                    f"{key}: the step index must be an integer, received {index!r} "
-                    f"({type(index).__name__})"
-                ) from None
+            index = as_index(index, f"{key}: the step index")
         t = self.num_steps
         if not -t <= index < t:
-            raise RolloutIndexError(f"{key}: step index {index} is out of range for num_steps={t} (expected 0 <= index < {t})")
+            raise RolloutIndexError(
+                f"{key}: step index {index} is out of range for num_steps={t} (expected 0 <= index < {t})"
+            )
         return index + t if index < 0 else index
 
-    def _check_data(self, key: str, spec: _Spec, data: Any, shape: torch.Size, where: str) -> Tensor:
+    def _check_data(
+        self, key: str, spec: _Spec, data: Any, shape: torch.Size, where: str
+    ) -> Tensor:
         """The slow path: validate anything that is not already an exact match; return a tensor."""
         expected = f"shape {tuple(shape)}, dtype {spec.dtype}, device {spec.device}"
         if not isinstance(data, Tensor):
@@ -345,7 +355,9 @@ class ExperienceBuffer(nn.Module):
                 f"autograd history: pass data.detach()"
             )
         if data.device != spec.device and not (data.dim() == 0 and data.device.type == "cpu"):
-            raise RolloutValueError(f"{key}: {where} expected data on device {spec.device}, received {data.device}")
+            raise RolloutValueError(
+                f"{key}: {where} expected data on device {spec.device}, received {data.device}"
+            )
         lead = data.dim() - len(shape)
         if lead > 0 and all(s == 1 for s in data.shape[:lead]):
             data = data.reshape(data.shape[lead:])  # PyTorch assignment drops leading size-1 dims
@@ -359,7 +371,9 @@ class ExperienceBuffer(nn.Module):
                 f"received shape {tuple(data.shape)}"
             )
         if data.is_complex() and not spec.dtype.is_complex:
-            raise RolloutValueError(f"{key}: {where} cannot cast complex data ({data.dtype}) to {spec.dtype}")
+            raise RolloutValueError(
+                f"{key}: {where} cannot cast complex data ({data.dtype}) to {spec.dtype}"
+            )
         return data
 
     def _mark_steps(self, keys: Sequence[str], index: int) -> None:
@@ -410,7 +424,9 @@ class ExperienceBuffer(nn.Module):
         return dict(zip(keys, ops.flatten([self._spec(k).tensor for k in keys])))
 
     def extra_repr(self) -> str:
-        keys = ", ".join(f"{k}: {tuple(s.tensor.shape[2:])} {s.dtype}" for k, s in self._specs.items())
+        keys = ", ".join(
+            f"{k}: {tuple(s.tensor.shape[2:])} {s.dtype}" for k, s in self._specs.items()
+        )
         return f"num_envs={self.num_envs}, num_steps={self.num_steps}, device={self._device}, keys=[{keys}]"
 
 
@@ -422,7 +438,9 @@ _LIVE_BUFFERS: weakref.WeakValueDictionary[int, ExperienceBuffer] = weakref.Weak
 
 
 @torch.library.custom_op("rollout_buffers::update_step", mutates_args=("dsts",))
-def _update_step_op(dsts: list[Tensor], index: int, srcs: list[Tensor], token: int, keys: str) -> None:
+def _update_step_op(
+    dsts: list[Tensor], index: int, srcs: list[Tensor], token: int, keys: str
+) -> None:
     ops.write_step(dsts, index, srcs)
     buffer = _LIVE_BUFFERS.get(token)
     if buffer is not None:
@@ -440,8 +458,12 @@ def _normalize_shape(key: str, shape: Any) -> tuple[int, ...]:
     try:
         dims = tuple(shape)
     except TypeError:
-        raise RolloutValueError(f"{key}: shape must be a tuple of ints, received {shape!r}") from None
+        raise RolloutValueError(
+            f"{key}: shape must be a tuple of ints, received {shape!r}"
+        ) from None
     for d in dims:
         if isinstance(d, bool) or not isinstance(d, int) or d < 0:
-            raise RolloutValueError(f"{key}: shape must be a tuple of non-negative ints, received {shape!r}")
+            raise RolloutValueError(
+                f"{key}: shape must be a tuple of non-negative ints, received {shape!r}"
+            )
     return dims

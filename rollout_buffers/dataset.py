@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import operator
 from collections.abc import Iterator, Mapping
-from typing import Any
 
 import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
 from . import ops
+from ._index import as_index
 from .errors import RolloutIndexError, RolloutTypeError, RolloutValueError
 
 __all__ = ["DictDataset"]
@@ -50,12 +49,16 @@ class DictDataset(Dataset):
                 f"DictDataset: tensor_dict must be a mapping of key -> tensor, received {type(tensor_dict).__name__}"
             )
         if len(tensor_dict) == 0:
-            raise RolloutValueError("DictDataset: tensor_dict is empty; pass at least one key -> tensor")
+            raise RolloutValueError(
+                "DictDataset: tensor_dict is empty; pass at least one key -> tensor"
+            )
         device = None
         lengths: dict[str, int] = {}
         for key, value in tensor_dict.items():
             if not isinstance(value, Tensor):
-                raise RolloutTypeError(f"{key}: DictDataset expected a tensor, received {type(value).__name__}")
+                raise RolloutTypeError(
+                    f"{key}: DictDataset expected a tensor, received {type(value).__name__}"
+                )
             if value.dim() == 0 or value.shape[0] == 0:
                 raise RolloutValueError(
                     f"{key}: DictDataset expected a tensor with at least one row along dim 0, "
@@ -75,7 +78,9 @@ class DictDataset(Dataset):
                 )
             lengths[key] = value.shape[0]
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
-            raise RolloutValueError(f"DictDataset: batch_size must be a positive int, received {batch_size!r}")
+            raise RolloutValueError(
+                f"DictDataset: batch_size must be a positive int, received {batch_size!r}"
+            )
         num_tensors = max(lengths.values())
         if num_tensors % batch_size:
             longest = max(lengths, key=lengths.get)
@@ -130,28 +135,21 @@ class DictDataset(Dataset):
         """
         n = self.num_tensors // self.batch_size
         if type(index) is not int:
-            index = _as_int(index)
+            index = as_index(index, "batch index")
         if not -n <= index < n:
-            raise RolloutIndexError(f"{index} {n}: batch index {index} is out of range for {n} batches")
+            raise RolloutIndexError(
+                f"{index} {n}: batch index {index} is out of range for {n} batches"
+            )
         if index < 0:
             index += n
         perm = self.shuffled_to_original
         if type(perm) is not Tensor:  # the original kept a NumPy array here; accept one
-            perm = self.shuffled_to_original = torch.as_tensor(perm, dtype=torch.int64, device=self._device)
+            perm = self.shuffled_to_original = torch.as_tensor(
+                perm, dtype=torch.int64, device=self._device
+            )
         outs = ops.gather(self._tensors, perm, index * self.batch_size, self.batch_size)
         return dict(zip(self._keys, outs))
 
     def __iter__(self) -> Iterator[dict[str, Tensor]]:
         for i in range(len(self)):
             yield self[i]
-
-
-def _as_int(index: Any) -> int:
-    try:
-        if isinstance(index, bool) or (isinstance(index, Tensor) and index.is_floating_point()):
-            raise TypeError
-        return operator.index(index)
-    except (TypeError, RuntimeError):  # RuntimeError: a meta tensor has no value
-        raise RolloutTypeError(
-            f"batch index must be an integer, received {index!r} ({type(index).__name__})"
-        ) from None

@@ -26,7 +26,10 @@ try:
 
     # "ci": bounded, deterministic; "long": `make fuzz`.
     settings.register_profile(
-        "ci", max_examples=40, deadline=None, derandomize=True,
+        "ci",
+        max_examples=40,
+        deadline=None,
+        derandomize=True,
         suppress_health_check=[HealthCheck.too_slow],
     )
     settings.register_profile(
@@ -38,8 +41,14 @@ except ImportError:  # hypothesis is a test extra; tests that need it import it 
 
 #: Every dtype of the contract.
 DTYPES = [
-    torch.bool, torch.uint8, torch.int32, torch.int64,
-    torch.float16, torch.bfloat16, torch.float32, torch.float64,
+    torch.bool,
+    torch.uint8,
+    torch.int32,
+    torch.int64,
+    torch.float16,
+    torch.bfloat16,
+    torch.float32,
+    torch.float64,
 ]
 
 

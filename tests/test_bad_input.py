@@ -810,3 +810,21 @@ def _nan_round_trip(dtype):
     for i in range(len(ds)):
         for k, v in ds[i].items():
             assert torch.equal(_bits(v), _bits(expected[k][perm[i * t : (i + 1) * t]])), (i, k)
+
+
+def test_step_index_as_a_cuda_tensor_is_refused_without_reading_it():
+    """Reading a device tensor would synchronize the host; the index must be a host integer."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device (a meta tensor stands in below)")
+    buf = ExperienceBuffer(3, 2, device="cuda")
+    buf.register_key("obs")
+    with pytest.raises(RolloutTypeError, match="cuda"):
+        buf.update_data("obs", torch.tensor(0, device="cuda"), torch.zeros(3, device="cuda"))
+
+
+def test_step_index_as_a_non_cpu_tensor_names_its_device():
+    buf = ExperienceBuffer(3, 2, device="cpu")
+    buf.register_key("obs")
+    with pytest.raises(RolloutTypeError, match="meta"):
+        buf.update_data("obs", torch.tensor(0, device="meta"), torch.zeros(3))
+    assert buf.store_dict["obs"] == 0

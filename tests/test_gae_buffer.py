@@ -11,19 +11,25 @@ from rollout_buffers import ExperienceBuffer, RolloutValueError, compute_gae
 def _filled_buffer(T=5, N=7):
     buf = ExperienceBuffer(N, T, device="cpu")
     for key, shape, dtype in [
-        ("rewards", (), torch.float32), ("value", (1,), torch.float32),
-        ("next_value", (1,), torch.float32), ("dones", (), torch.int64),
-        ("advantages", (), torch.float32), ("returns", (), torch.float32),
+        ("rewards", (), torch.float32),
+        ("value", (1,), torch.float32),
+        ("next_value", (1,), torch.float32),
+        ("dones", (), torch.int64),
+        ("advantages", (), torch.float32),
+        ("returns", (), torch.float32),
     ]:
         buf.register_key(key, shape, dtype)
     g = torch.Generator().manual_seed(0)
     for t in range(T):
-        buf.update_step(t, {
-            "rewards": torch.randn(N, generator=g),
-            "value": torch.randn(N, 1, generator=g),
-            "next_value": torch.randn(N, 1, generator=g),
-            "dones": torch.randint(0, 2, (N,), generator=g),
-        })
+        buf.update_step(
+            t,
+            {
+                "rewards": torch.randn(N, generator=g),
+                "value": torch.randn(N, 1, generator=g),
+                "next_value": torch.randn(N, 1, generator=g),
+                "dones": torch.randint(0, 2, (N,), generator=g),
+            },
+        )
     return buf
 
 
