@@ -212,8 +212,14 @@ class ExperienceBuffer(nn.Module):
             RolloutValueError: data of a shape that does not broadcast to
                 ``(num_envs, *shape)``, on another device, or with ``requires_grad``.
         """
-        spec = self._spec(key)
-        index = self._step_index(key, index, step)
+        # The hot path of a rollout loop: the common case (a known key, an in-range int step,
+        # a tensor matching the cached spec exactly) costs a few compares; anything else takes
+        # the slow path that validates in full and explains.
+        spec = self._specs.get(key) if type(key) is str else None
+        if spec is None or self._buffers[key] is not spec.tensor:
+            spec = self._spec(key)
+        if step is not None or type(index) is not int or not 0 <= index < self.num_steps:
+            index = self._step_index(key, index, step)
         if not (
             type(data) is Tensor
             and data.shape == spec.row_shape
@@ -223,8 +229,10 @@ class ExperienceBuffer(nn.Module):
             and data.layout == torch.strided
         ):
             data = self._check_data(key, spec, data, spec.row_shape, "update_data")
-        ops.write_step((spec.tensor,), index, (data,))
-        self._mark(key, spec, index)
+        ops.write_row(spec.tensor, index, data)
+        if not spec.written[index]:
+            spec.written[index] = 1
+            self.store_dict[key] += index + 1
 
     def update_step(self, index: int, tensors: Mapping[str, Any]) -> None:
         """Write every ``(key, tensor)`` of ``tensors`` at step ``index``, in one fused launch on CUDA.
@@ -244,10 +252,14 @@ class ExperienceBuffer(nn.Module):
             raise RolloutValueError(
                 "update_step: tensors is empty; pass at least one key -> tensor"
             )
-        index = self._step_index("update_step", index, None)
-        specs, srcs = [], []
+        if type(index) is not int or not 0 <= index < self.num_steps:
+            index = self._step_index("update_step", index, None)
+        specs, dsts, srcs = [], [], []
+        all_specs, buffers = self._specs, self._buffers
         for key, data in tensors.items():
-            spec = self._spec(key)
+            spec = all_specs.get(key) if type(key) is str else None
+            if spec is None or buffers[key] is not spec.tensor:
+                spec = self._spec(key)
             if not (
                 type(data) is Tensor
                 and data.shape == spec.row_shape
@@ -258,17 +270,19 @@ class ExperienceBuffer(nn.Module):
             ):
                 data = self._check_data(key, spec, data, spec.row_shape, "update_step")
             specs.append(spec)
+            dsts.append(spec.tensor)
             srcs.append(data)
         if torch.compiler.is_compiling():
             # One opaque operator for the compiler; it also does the step bookkeeping, which
             # must run when the compiled code runs (Dynamo cannot trace the bytearray writes).
-            _update_step_op(
-                [s.tensor for s in specs], index, srcs, self._token, "\0".join(tensors.keys())
-            )
+            _update_step_op(dsts, index, srcs, self._token, "\0".join(tensors.keys()))
             return
-        ops.write_step([s.tensor for s in specs], index, srcs)
+        ops.write_step(dsts, index, srcs)
+        store = self.store_dict
         for key, spec in zip(tensors.keys(), specs):
-            self._mark(key, spec, index)
+            if not spec.written[index]:
+                spec.written[index] = 1
+                store[key] += index + 1
 
     def batch_update_data(self, key: str, data: Any) -> None:
         """Write the whole ``(num_steps, num_envs, *shape)`` buffer of ``key`` and mark every step written."""

@@ -18,6 +18,7 @@ from . import backend
 
 __all__ = [
     "write_step",
+    "write_row",
     "flatten",
     "gather",
     "torch_write_step",
@@ -33,8 +34,10 @@ __all__ = [
 
 def torch_write_step(dsts: Sequence[Tensor], index: int, srcs: Sequence[Tensor]) -> None:
     """``dsts[k][index] = srcs[k]`` for every k, with PyTorch's broadcasting and casting."""
-    for dst, src in zip(dsts, srcs, strict=True):
-        dst.select(0, index).copy_(src)
+    for dst, src in zip(dsts, srcs):
+        # Plain assignment, not select(0, index).copy_(src): the same copy for ~0.6 us less per
+        # key on the host (bench/cpu_paths.py), which is what a small step write costs.
+        dst[index] = src
 
 
 def torch_flatten(srcs: Sequence[Tensor]) -> list[Tensor]:
@@ -96,12 +99,24 @@ def _as_source(dst: Tensor, src: Tensor) -> Tensor:
 
 def write_step(dsts: Sequence[Tensor], index: int, srcs: Sequence[Tensor]) -> None:
     """Write ``srcs[k]`` into step ``index`` of ``dsts[k]`` (buffers shaped ``(T, N, *shape)``)."""
-    if backend.use_triton(dsts[0].device):
+    d0 = dsts[0]
+    # is_cuda first: it settles the common CPU case for a fraction of use_triton's cost, and
+    # this runs tens of thousands of times an epoch.
+    if (d0.is_cuda or backend.get_backend() == "triton") and backend.use_triton(d0.device):
         from . import kernels
 
         kernels.step_write(dsts, index, [_as_source(d, s) for d, s in zip(dsts, srcs, strict=True)])
     else:
         torch_write_step(dsts, index, srcs)
+
+
+def write_row(dst: Tensor, index: int, src: Tensor) -> None:
+    """:func:`write_step` for one key (``update_data``): the same kernel on CUDA, and on the
+    PyTorch path a bare assignment, without building sequences for one element."""
+    if (dst.is_cuda or backend.get_backend() == "triton") and backend.use_triton(dst.device):
+        write_step((dst,), index, (src,))
+    else:
+        dst[index] = src
 
 
 def flatten(srcs: Sequence[Tensor]) -> list[Tensor]:
