@@ -31,7 +31,9 @@ class ExperienceBuffer(nn.Module):
 
     def register_key(self, key: str, shape=(), dtype=torch.float) -> None:
         assert not hasattr(self, key), key
-        buf = torch.zeros((self.num_steps, self.num_envs) + tuple(shape), dtype=dtype, device=self._device)
+        buf = torch.zeros(
+            (self.num_steps, self.num_envs) + tuple(shape), dtype=dtype, device=self._device
+        )
         self.register_buffer(key, buf, persistent=False)
         self.store_dict[key] = 0
 

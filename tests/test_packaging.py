@@ -40,3 +40,13 @@ def test_bare_import_kernels_never_loads_ours(cwd, tmp_path):
 
 def test_py_typed_ships():
     assert (ROOT / "rollout_buffers" / "py.typed").exists()
+
+
+def test_bench_workloads_copy_matches_shared():
+    shared = ROOT.parent / "shared" / "workloads.json"
+    if not shared.exists():
+        pytest.skip("no shared/workloads.json beside this checkout to compare with")
+    import json
+
+    ours = json.loads((ROOT / "bench" / "workloads.json").read_text())
+    assert ours == json.loads(shared.read_text())
