@@ -109,7 +109,10 @@ def bench_case(T: int, N: int, device: str, budget_s: float, do_compile: bool) -
 
         for variant in ("walk", "scan"):
             launch = lambda v=variant: _k.gae(*inputs, *out, GAMMA, LAM, variant=v)
-            check(out, loop_gae(*inputs))
+            for x in out:  # what this variant leaves unwritten shows
+                x.fill_(float("nan"))
+            launch()
+            check(out, loop_gae(*inputs))  # this variant's own output, not the previous one's
             row[f"kernel {variant}"] = median_us(launch, device, budget_s)
     row["copy"] = copy_us(row["bytes"], device, budget_s)
     return row
@@ -154,9 +157,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--budget", type=float, default=1.0, help="seconds per measurement")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows")
     parser.add_argument("--no-write", action="store_true", help="print only, write no file")
-    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch CPU threads (default 1: see bench/common.py)"
+    )
     args = parser.parse_args(argv)
-    if args.threads:
+    if args.device == "cpu":
+        # With every core in torch's pool, any other process on the machine stalls each op at
+        # its barrier: timings swung 10-50x between runs with 2 threads, not with 1.
         torch.set_num_threads(args.threads)
 
     notes = []

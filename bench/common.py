@@ -240,6 +240,10 @@ def compiled_original_phases(w: dict, device: torch.device, inputs: dict) -> lis
     def gather(tensors, rows):
         return [v[rows % v.shape[0]] for v in tensors]
 
+    # Fresh compiles per workload: Dynamo caches on the code objects above, which every call of
+    # this function shares, so a later workload would otherwise get shape-dynamic kernels
+    # (automatic dynamic after the first workload's shapes) and count toward the recompile limit.
+    torch._dynamo.reset()
     write_c, flatten_c, gather_c = (torch.compile(f) for f in (write, flatten, gather))
     keys = list(w["keys"])
     bufs = [

@@ -33,6 +33,12 @@ I32_LIMIT = 2**31
 # Bounded so that swap_and_flatten01 on many throwaway tensors cannot grow it without end.
 _TABLES: dict[tuple, tuple] = {}
 _TABLES_MAX = 256
+# The step write's tables describe a buffer's own storages, which a captured CUDA graph keeps
+# using: they live here, never evicted (one small table per set of buffers a process writes),
+# so churn in the gather tables (new minibatch sources every epoch) cannot free them.
+STEP_TABLES: dict[tuple, tuple] = {}
+# Tables first built while a CUDA graph was being captured (see cached_table).
+_CAPTURED: list[tuple] = []
 
 
 @triton.jit
@@ -98,7 +104,13 @@ def interpreter() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def cached_table(key: tuple, build):
+# triton.jit reads TRITON_INTERPRET when it decorates a kernel, i.e. when these modules are
+# imported: kernels built for the interpreter must never see CUDA tensors (they would read the
+# device addresses in a descriptor table from host memory and crash the process).
+_INTERPRETED = interpreter()
+
+
+def cached_table(key: tuple, build, store: dict | None = None):
     """A descriptor table on the device, built once per distinct ``key``.
 
     ``key`` must identify the table's contents (device, pointers, shapes, strides, dtypes), so
@@ -107,20 +119,37 @@ def cached_table(key: tuple, build):
     tensor on ``device``; ``extra`` is whatever host-side facts the launcher wants kept with it.
     Returns ``(table, extra, host_copy)``. The copy to the device goes through pinned memory,
     non-blocking, so a miss does not synchronize the host either (the pinned buffer lives as
-    long as the entry).
+    long as the entry). ``store`` is the cache to use: the shared, bounded one by default, or
+    :data:`STEP_TABLES`, which is never evicted.
     """
-    hit = _TABLES.get(key)
+    bounded = store is None
+    store = _TABLES if bounded else store
+    hit = store.get(key)
     if hit is not None:
         return hit
     device, rows, extra = build()
-    if len(_TABLES) >= _TABLES_MAX:
-        _TABLES.clear()
+    if device.type == "cuda" and _INTERPRETED:
+        raise RuntimeError(
+            "rollout_buffers.kernels was imported with TRITON_INTERPRET=1 (Triton's CPU "
+            f"interpreter) and cannot run on {device} tensors; unset TRITON_INTERPRET before "
+            "the first import, or use backend 'torch'"
+        )
+    if bounded and len(store) >= _TABLES_MAX:
+        store.clear()
     host = torch.tensor([list(r) + [0] * (8 - len(r)) for r in rows], dtype=torch.int64)
+    capturing = False
     if device.type == "cuda":
         host = host.pin_memory()
         with torch.cuda.device(device):
+            capturing = torch.cuda.is_current_stream_capturing()
             dev = host.to(device, non_blocking=True)
     else:
         dev = host
-    _TABLES[key] = entry = (dev, extra, host)
+    entry = (dev, extra, host)
+    if capturing:
+        # Under CUDA-graph capture the copy above is recorded, not run: the table fills only
+        # when the graph replays. Keep it alive for the graph; never serve it to eager calls.
+        _CAPTURED.append(entry)
+        return entry
+    store[key] = entry
     return entry

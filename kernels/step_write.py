@@ -22,6 +22,7 @@ from ._common import (
     CHUNK,
     I32_LIMIT,
     NUM_WARPS,
+    STEP_TABLES,
     addr,
     cached_table,
     dense_rows,
@@ -101,7 +102,7 @@ def step_write(dsts: Sequence[Tensor], index: int, srcs: Sequence[Tensor]) -> No
             a slice are read in place; a non-dense row is made contiguous first).
     """
     key = tuple((d.data_ptr(), d.shape, d.dtype) for d in dsts)
-    tab, (info, grid), _ = cached_table(key, lambda: _build(dsts))
+    tab, (info, grid), _ = cached_table(key, lambda: _build(dsts), STEP_TABLES)
     if grid == 0:
         return
     args, s_us, wbs, flats, i32s = [], [], [], [], []

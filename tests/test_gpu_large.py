@@ -11,12 +11,17 @@ on the configured backend (``auto``: the Triton kernels for CUDA tensors); with
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
 from rollout_buffers import DictDataset, ExperienceBuffer
 
-pytestmark = pytest.mark.gpu
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
 
 N, T, ROW = 8192, 72, 4096  # num_envs, num_steps, bytes per row of the big key
 ROWS = N * T
@@ -26,6 +31,14 @@ CROSSING_ROW = 2**31 // ROW  # the first flattened row at byte offset >= 2**31
 POISON = 255  # pattern() values are < 251: a row left unwritten shows
 BATCH = 4096  # divides ROWS
 NEED_FREE = 12 * 2**30
+
+
+@pytest.fixture(autouse=True, scope="module")
+def compiled_kernels():
+    """These tests need the kernels compiled for the GPU, not Triton's CPU interpreter (which
+    cannot be switched off once triton is imported)."""
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        pytest.skip("TRITON_INTERPRET is on: run the GPU tests in a process without it")
 
 
 def _skip_reason() -> str | None:
