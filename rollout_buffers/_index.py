@@ -7,7 +7,25 @@ from typing import Any
 
 from torch import Tensor
 
-from .errors import RolloutTypeError
+from .errors import RolloutTypeError, RolloutValueError
+
+
+def int_or_none(value: Any) -> int | None:
+    """``value`` as an int when it is an integer (Python or NumPy) and not a bool, else None."""
+    if isinstance(value, (bool, Tensor)):
+        return None
+    try:
+        return operator.index(value)
+    except TypeError:
+        return None
+
+
+def positive_int(name: str, value: Any) -> int:
+    """``value`` as a positive int (a NumPy integer is fine), else a RolloutValueError."""
+    n = int_or_none(value)
+    if n is None or n <= 0:
+        raise RolloutValueError(f"{name} must be a positive int, received {value!r}")
+    return n
 
 
 def as_index(value: Any, what: str) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import weakref
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -11,6 +12,8 @@ from torch import Tensor, nn
 
 from . import ops
 from ._index import as_index
+from ._index import int_or_none as _int
+from ._index import positive_int as _positive_int
 from .errors import (
     RolloutIndexError,
     RolloutKeyError,
@@ -50,6 +53,10 @@ def swap_and_flatten01(arr: Tensor | None) -> Tensor | None:
             f"swap_and_flatten01: expected a tensor with at least 2 dimensions "
             f"(num_steps, num_envs, ...), received shape {tuple(arr.shape)}"
         )
+    if arr.requires_grad:
+        # Keep autograd working as in the original (a copy that records its history): the
+        # kernels move bytes and would drop it.
+        return ops.torch_flatten([arr])[0]
     return ops.flatten([arr])[0]
 
 
@@ -97,9 +104,8 @@ class ExperienceBuffer(nn.Module):
 
     def __init__(self, num_envs: int, num_steps: int, device: torch.device | str | None = None):
         super().__init__()
-        for name, value in (("num_envs", num_envs), ("num_steps", num_steps)):
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise RolloutValueError(f"{name} must be a positive int, received {value!r}")
+        num_envs = _positive_int("num_envs", num_envs)
+        num_steps = _positive_int("num_steps", num_steps)
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         try:
@@ -108,13 +114,26 @@ class ExperienceBuffer(nn.Module):
             raise RolloutValueError(
                 f"device: expected a torch.device or a device string, received {device!r}: {exc}"
             ) from None
+        if device.type == "cuda" and device.index is None:
+            # Pin the current GPU now: keys registered after a torch.cuda.set_device() must
+            # land next to the earlier ones, or one fused launch would span two devices.
+            device = torch.device("cuda", torch.cuda.current_device())
         self.num_envs = num_envs
         self.num_steps = num_steps
         self.store_dict: dict[str, int | float] = {}
-        self._device = torch.device(device)
+        self._device = device
         self._specs: dict[str, _Spec] = {}
-        self._token = id(self)  # names this buffer to the compiled update_step operator
+        self._register_token()
+
+    def _register_token(self) -> None:
+        # Names this buffer to the compiled update_step operator. A fresh one for every object,
+        # copies included (see __setstate__), so steps are never marked on the wrong buffer.
+        self._token = next(_TOKENS)
         _LIVE_BUFFERS[self._token] = self
+
+    def __setstate__(self, state: dict) -> None:  # copy.deepcopy, pickle, torch.load
+        super().__setstate__(state)
+        self._register_token()
 
     # -- state ---------------------------------------------------------------------------------
 
@@ -140,11 +159,20 @@ class ExperienceBuffer(nn.Module):
             self._raise_unknown_key(key)
         tensor = self._buffers[key]
         if tensor is not spec.tensor:  # moved, cast or reassigned since the spec was built
-            if tensor is None or tensor.shape[:2] != (self.num_steps, self.num_envs):
+            if (
+                tensor is None
+                or tensor.shape[:2] != (self.num_steps, self.num_envs)
+                or not tensor.is_contiguous()
+            ):
                 raise RolloutValueError(
-                    f"the buffer of '{key}' was replaced by a tensor of shape "
-                    f"{None if tensor is None else tuple(tensor.shape)}; expected "
-                    f"({self.num_steps}, {self.num_envs}, ...)"
+                    f"{key}: the buffer of '{key}' was replaced by "
+                    + (
+                        "None"
+                        if tensor is None
+                        else f"a tensor of shape {tuple(tensor.shape)} "
+                        f"({'contiguous' if tensor.is_contiguous() else 'non-contiguous'})"
+                    )
+                    + f"; expected a contiguous ({self.num_steps}, {self.num_envs}, ...) tensor"
                 )
             spec = self._specs[key] = _Spec(tensor, spec.written)
         return spec
@@ -183,8 +211,7 @@ class ExperienceBuffer(nn.Module):
                 f"{key}: '{key}' clashes with an existing attribute of ExperienceBuffer; choose another name"
             )
         shape = _normalize_shape(key, shape)
-        if not isinstance(dtype, torch.dtype):
-            raise RolloutTypeError(f"{key}: dtype must be a torch.dtype, received {dtype!r}")
+        dtype = _normalize_dtype(key, dtype)
         tensor = torch.zeros(
             (self.num_steps, self.num_envs, *shape), dtype=dtype, device=self._device
         )
@@ -248,14 +275,12 @@ class ExperienceBuffer(nn.Module):
             raise RolloutTypeError(
                 f"update_step: tensors must be a mapping of key -> tensor, received {type(tensors).__name__}"
             )
-        if len(tensors) == 0:
-            raise RolloutValueError(
-                "update_step: tensors is empty; pass at least one key -> tensor"
-            )
         if type(index) is not int or not 0 <= index < self.num_steps:
             index = self._step_index("update_step", index, None)
-        specs, dsts, srcs = [], [], []
+        keys, specs, dsts, srcs = [], [], [], []
         all_specs, buffers = self._specs, self._buffers
+        # The same per-key fast path as update_data, inlined in both: a shared helper costs a
+        # call per key on the hottest line of a rollout loop.
         for key, data in tensors.items():
             spec = all_specs.get(key) if type(key) is str else None
             if spec is None or buffers[key] is not spec.tensor:
@@ -269,17 +294,22 @@ class ExperienceBuffer(nn.Module):
                 and data.layout == torch.strided
             ):
                 data = self._check_data(key, spec, data, spec.row_shape, "update_step")
+            keys.append(key)
             specs.append(spec)
             dsts.append(spec.tensor)
             srcs.append(data)
+        if not keys:  # not len(tensors): a TensorDict's len() is its batch size
+            raise RolloutValueError(
+                "update_step: tensors is empty; pass at least one key -> tensor"
+            )
         if torch.compiler.is_compiling():
             # One opaque operator for the compiler; it also does the step bookkeeping, which
             # must run when the compiled code runs (Dynamo cannot trace the bytearray writes).
-            _update_step_op(dsts, index, srcs, self._token, "\0".join(tensors.keys()))
+            _update_step_op(dsts, index, srcs, self._token, "\0".join(keys))
             return
         ops.write_step(dsts, index, srcs)
         store = self.store_dict
-        for key, spec in zip(tensors.keys(), specs):
+        for key, spec in zip(keys, specs):
             if not spec.written[index]:
                 spec.written[index] = 1
                 store[key] += index + 1
@@ -352,7 +382,11 @@ class ExperienceBuffer(nn.Module):
         expected = f"shape {tuple(shape)}, dtype {spec.dtype}, device {spec.device}"
         if not isinstance(data, Tensor):
             try:
-                data = torch.as_tensor(data, device=spec.device)
+                # On the host first: a Python number stays a 0-dim CPU tensor, which every
+                # path writes into a device buffer without a host-to-device copy.
+                data = torch.as_tensor(data)
+                if data.dim() and data.device != spec.device:
+                    data = data.to(spec.device)
             except Exception as exc:
                 raise RolloutTypeError(
                     f"{key}: {where} expected a tensor ({expected}), received "
@@ -391,14 +425,12 @@ class ExperienceBuffer(nn.Module):
         return data
 
     def _mark_steps(self, keys: Sequence[str], index: int) -> None:
+        """Mark step ``index`` of ``keys`` written (the compiled update_step's bookkeeping)."""
         for key in keys:
-            self._mark(key, self._spec(key), index)
-
-    def _mark(self, key: str, spec: _Spec, index: int) -> None:
-        written = spec.written
-        if not written[index]:
-            written[index] = 1
-            self.store_dict[key] += index + 1
+            spec = self._spec(key)
+            if not spec.written[index]:
+                spec.written[index] = 1
+                self.store_dict[key] += index + 1
 
     # -- reads ------------------------------------------------------------------------------------
 
@@ -414,8 +446,7 @@ class ExperienceBuffer(nn.Module):
                 ``Problem with '<key>'`` and names the steps. Nothing is reset then.
         """
         total = self.total_sum()
-        for key in self._specs:
-            spec = self._spec(key)
+        for key, spec in self._specs.items():
             if not all(spec.written):
                 missing = [s for s, w in enumerate(spec.written) if not w]
                 shown = ", ".join(map(str, missing[:16])) + (", ..." if len(missing) > 16 else "")
@@ -449,6 +480,7 @@ class ExperienceBuffer(nn.Module):
 # buffer named by its token. Eager calls skip it: the dispatcher costs 20-70 us per call, more
 # than the kernel itself.
 _LIVE_BUFFERS: weakref.WeakValueDictionary[int, ExperienceBuffer] = weakref.WeakValueDictionary()
+_TOKENS = itertools.count(1)
 
 
 @torch.library.custom_op("rollout_buffers::update_step", mutates_args=("dsts",))
@@ -467,17 +499,31 @@ def _(dsts: list[Tensor], index: int, srcs: list[Tensor], token: int, keys: str)
 
 
 def _normalize_shape(key: str, shape: Any) -> tuple[int, ...]:
-    if isinstance(shape, int) and not isinstance(shape, bool):
+    if _int(shape) is not None:
         shape = (shape,)
     try:
-        dims = tuple(shape)
+        dims = tuple(_int(d) for d in shape)
     except TypeError:
         raise RolloutValueError(
             f"{key}: shape must be a tuple of ints, received {shape!r}"
         ) from None
-    for d in dims:
-        if isinstance(d, bool) or not isinstance(d, int) or d < 0:
-            raise RolloutValueError(
-                f"{key}: shape must be a tuple of non-negative ints, received {shape!r}"
-            )
+    if any(d is None or d < 0 for d in dims):
+        raise RolloutValueError(
+            f"{key}: shape must be a tuple of non-negative ints, received {shape!r}"
+        )
     return dims
+
+
+def _normalize_dtype(key: str, dtype: Any) -> torch.dtype:
+    """A torch.dtype, or what torch itself accepts as one (``float``, ``bool``, ``int``)."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    try:
+        if dtype is None or isinstance(dtype, str):
+            raise TypeError
+        return torch.empty(0, dtype=dtype).dtype
+    except TypeError:
+        raise RolloutTypeError(
+            f"{key}: dtype must be a torch.dtype (or a Python type torch maps to one), "
+            f"received {dtype!r}"
+        ) from None

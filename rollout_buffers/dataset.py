@@ -10,6 +10,7 @@ from torch.utils.data import Dataset
 
 from . import ops
 from ._index import as_index
+from ._index import positive_int as _positive_int
 from .errors import RolloutIndexError, RolloutTypeError, RolloutValueError
 
 __all__ = ["DictDataset"]
@@ -77,10 +78,7 @@ class DictDataset(Dataset):
                     f"'{key}' is on {value.device}"
                 )
             lengths[key] = value.shape[0]
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
-            raise RolloutValueError(
-                f"DictDataset: batch_size must be a positive int, received {batch_size!r}"
-            )
+        batch_size = _positive_int("DictDataset: batch_size", batch_size)
         num_tensors = max(lengths.values())
         if num_tensors % batch_size:
             longest = max(lengths, key=lengths.get)
@@ -97,7 +95,7 @@ class DictDataset(Dataset):
                 f"DictDataset: generator must be a torch.Generator or None, received "
                 f"{type(generator).__name__}"
             )
-        if generator is not None and generator.device.type != device.type:
+        if generator is not None and not _same_device(generator.device, device):
             raise RolloutValueError(
                 f"DictDataset: the generator is on {generator.device}, the tensors on {device}; "
                 f"create it with torch.Generator(device={str(device)!r})"
@@ -107,8 +105,6 @@ class DictDataset(Dataset):
         self.do_shuffle = shuffle
         self.num_tensors = num_tensors
         self.generator = generator
-        self._keys = list(tensor_dict.keys())
-        self._tensors = list(tensor_dict.values())
         self._device = device
         self.shuffled_to_original: Tensor = torch.arange(num_tensors, device=device)
         if shuffle:
@@ -125,7 +121,7 @@ class DictDataset(Dataset):
         return self.num_tensors // self.batch_size
 
     def __len__(self) -> int:
-        return self.num_tensors // self.batch_size
+        return self.num_batches()
 
     def __getitem__(self, index: int) -> dict[str, Tensor]:
         """Minibatch ``index``: ``{key: tensor[perm[i*B:(i+1)*B] % len(tensor)]}``.
@@ -147,9 +143,22 @@ class DictDataset(Dataset):
             perm = self.shuffled_to_original = torch.as_tensor(
                 perm, dtype=torch.int64, device=self._device
             )
-        outs = ops.gather(self._tensors, perm, index * self.batch_size, self.batch_size)
-        return dict(zip(self._keys, outs))
+        # Read tensor_dict on every call, as the original did: code that edits it in place after
+        # building the dataset (re-normalized advantages, say) gets what it wrote.
+        td = self.tensor_dict
+        outs = ops.gather(list(td.values()), perm, index * self.batch_size, self.batch_size)
+        return dict(zip(td.keys(), outs))
 
     def __iter__(self) -> Iterator[dict[str, Tensor]]:
         for i in range(len(self)):
             yield self[i]
+
+
+def _same_device(a: torch.device, b: torch.device) -> bool:
+    """Devices equal, reading a missing index as the current one (``cuda`` vs ``cuda:0``)."""
+    if a.type != b.type:
+        return False
+    if a.type != "cuda" or a.index == b.index:
+        return True
+    current = torch.cuda.current_device()
+    return (current if a.index is None else a.index) == (current if b.index is None else b.index)

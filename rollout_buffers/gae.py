@@ -245,7 +245,14 @@ def compute_gae(
     if backend.use_triton(values.device):
         from .kernels import gae as _k  # lazy: importing triton costs ~1 s, CPU users skip it
 
-        _k.gae(rewards, values, next_values, dones, adv, ret, gamma, lam)
+        # The kernel reads and writes each column in one backward pass: an output written over
+        # an input it reads at another step (say ret over values while next_values is a
+        # shifted view of it) would be read after it was overwritten. Copy such inputs first.
+        r, v, nv, d = (
+            x.clone() if _shares_storage(x, adv) or _shares_storage(x, ret) else x
+            for x in (rewards, values, next_values, dones)
+        )
+        _k.gae(r, v, nv, d, adv, ret, gamma, lam)
     else:
         torch_gae(rewards, values, next_values, dones, gamma, lam, adv, ret)
     return adv, ret

@@ -80,6 +80,14 @@ def torch_gather(srcs: Sequence[Tensor], perm: Tensor, start: int, count: int) -
 # ---------------------------------------------------------------------------------------------
 
 
+def _bytes_of(t: Tensor) -> Tensor:
+    """``t`` with its lazy negation / conjugation applied: the kernels copy raw bytes, and a
+    view such as ``z.conj().imag`` carries its sign in a flag, not in memory."""
+    if t.is_neg() or t.is_conj():
+        t = t.resolve_conj().resolve_neg()
+    return t
+
+
 def _as_source(dst: Tensor, src: Tensor) -> Tensor:
     """``src`` made exactly what the kernel expects: ``dst``'s dtype, device and row shape.
 
@@ -94,7 +102,7 @@ def _as_source(dst: Tensor, src: Tensor) -> Tensor:
     shape = dst.shape[1:]
     if src.shape != shape:
         src = src.expand(shape)
-    return src
+    return _bytes_of(src)
 
 
 def write_step(dsts: Sequence[Tensor], index: int, srcs: Sequence[Tensor]) -> None:
@@ -114,7 +122,9 @@ def write_row(dst: Tensor, index: int, src: Tensor) -> None:
     """:func:`write_step` for one key (``update_data``): the same kernel on CUDA, and on the
     PyTorch path a bare assignment, without building sequences for one element."""
     if (dst.is_cuda or backend.get_backend() == "triton") and backend.use_triton(dst.device):
-        write_step((dst,), index, (src,))
+        from . import kernels
+
+        kernels.step_write((dst,), index, (_as_source(dst, src),))
     else:
         dst[index] = src
 
@@ -124,7 +134,7 @@ def flatten(srcs: Sequence[Tensor]) -> list[Tensor]:
     if backend.use_triton(srcs[0].device):
         from . import kernels
 
-        return kernels.transpose_flatten(srcs)
+        return kernels.transpose_flatten([_bytes_of(s) for s in srcs])
     return torch_flatten(srcs)
 
 
@@ -133,5 +143,5 @@ def gather(srcs: Sequence[Tensor], perm: Tensor, start: int, count: int) -> list
     if backend.use_triton(perm.device):
         from . import kernels
 
-        return kernels.permuted_gather(srcs, perm, start, count)
+        return kernels.permuted_gather([_bytes_of(s) for s in srcs], perm, start, count)
     return torch_gather(srcs, perm, start, count)

@@ -64,3 +64,23 @@ def random_tensor(shape, dtype, device="cpu", generator=None) -> torch.Tensor:
 
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.fixture(scope="module")
+def interpreted_kernels():
+    """Skip unless the Triton kernels run under Triton's CPU interpreter in this process.
+
+    The mode cannot be switched once triton is imported: ``triton.jit`` fixes it when it
+    decorates, and Triton's own library functions (``tl.zeros``, ``tl.sum``) are decorated
+    when triton itself is imported. Without CUDA this conftest switches the interpreter on
+    before anything imports triton; with CUDA the kernels compile for the device and
+    tests/test_gpu.py checks them there.
+    """
+    pytest.importorskip("triton")
+    from rollout_buffers.backend import interpreter_enabled
+
+    if not interpreter_enabled():
+        pytest.skip(
+            "Triton's interpreter is off (a CUDA machine): tests/test_gpu.py covers the kernels"
+        )
+    yield

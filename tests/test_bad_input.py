@@ -20,17 +20,9 @@ NaN and inf are data, not bad input: they pass through every path bit for bit.
 
 from __future__ import annotations
 
-import os
-
-import torch
-
-# The NaN round trip also runs on the Triton kernels under the interpreter (CPU only): Triton
-# decides at decoration time, so this must precede any import of rollout_buffers.kernels.
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+import torch
 
 import rollout_buffers  # noqa: E402
 from rollout_buffers import (  # noqa: E402

@@ -11,20 +11,9 @@ at small sizes under Triton's CPU interpreter, skipped when the kernels or trito
 
 from __future__ import annotations
 
-import os
-import sys
-
-import torch
-
-# Triton decides at decoration time whether a kernel is interpreted, so the variable must be set
-# before rollout_buffers.kernels is imported. Only without a GPU: on a GPU machine the kernels
-# must compile for the device (the GPU tests run them at real sizes).
-_KERNELS_PREIMPORTED = any(m.startswith("rollout_buffers.kernels") for m in sys.modules)
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+import torch
 
 hypothesis = pytest.importorskip("hypothesis")
 from conftest import DTYPES, random_tensor  # noqa: E402
@@ -380,10 +369,8 @@ def _triton_skip_reason() -> str | None:
     from rollout_buffers.backend import interpreter_enabled
     from rollout_buffers.errors import BackendUnavailableError
 
-    if not torch.cuda.is_available() and not interpreter_enabled():
+    if not interpreter_enabled():
         return "TRITON_INTERPRET is not enabled"
-    if _KERNELS_PREIMPORTED and not torch.cuda.is_available():
-        return "rollout_buffers.kernels was imported before TRITON_INTERPRET=1 was set"
     try:
         with use_backend("triton"):
             swap_and_flatten01(torch.zeros(2, 2))
@@ -405,9 +392,8 @@ def _triton_properties(data):
 
 
 @pytest.mark.interpreter
+@pytest.mark.usefixtures("interpreted_kernels")
 def test_triton_path_matches_original_at_small_sizes():
-    if torch.cuda.is_available():
-        pytest.skip("the interpreter test runs on CPU tensors only; the GPU tests cover CUDA")
     reason = _triton_skip_reason()
     if reason:
         pytest.skip(reason)

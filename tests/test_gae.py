@@ -1,16 +1,15 @@
 """compute_gae: the PyTorch path and the Triton kernel (under Triton's CPU interpreter) against
 a float64 sequential reference, in-place outputs, and bad input."""
 
-import os
-
-os.environ["TRITON_INTERPRET"] = "1"  # before anything imports triton
-
 import pytest
 import torch
 
 from rollout_buffers import backend
 from rollout_buffers.errors import RolloutTypeError, RolloutValueError
 from rollout_buffers.gae import compute_gae
+
+# The Triton cases run on CPU tensors under Triton's interpreter, on any machine.
+pytestmark = pytest.mark.usefixtures("interpreted_kernels")
 
 GAMMA, LAM = 0.99, 0.95
 BACKENDS = [

@@ -7,13 +7,6 @@ non-contiguous or misaligned inputs. Destinations and outputs are poisoned first
 row the kernel forgets shows up.
 """
 
-import os
-
-# Before triton is imported anywhere; the value it replaces is restored after this module.
-os.environ["ROLLOUT_BUFFERS_TEST_PREVIOUS_INTERPRET"] = os.environ.get("TRITON_INTERPRET", "")
-os.environ["TRITON_INTERPRET"] = "1"
-
-import importlib
 import math
 
 import pytest
@@ -25,32 +18,7 @@ import torch
 
 from rollout_buffers import backend, ops
 
-pytestmark = pytest.mark.interpreter
-
-
-def reload_kernels():
-    """Decorate the kernels again: ``triton.jit`` reads TRITON_INTERPRET when it runs."""
-    for name in ("_common", "step_write", "transpose_flatten", "permuted_gather"):
-        importlib.reload(importlib.import_module(f"rollout_buffers.kernels.{name}"))
-    importlib.reload(K)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def interpreted_kernels():
-    """Kernels built for the interpreter here, whatever imported them first; restored after.
-
-    Another test module may have imported the kernels without the interpreter (a GPU run),
-    and the modules after this one must not inherit the interpreter.
-    """
-    os.environ["TRITON_INTERPRET"] = "1"
-    reload_kernels()
-    yield
-    previous = os.environ.get("ROLLOUT_BUFFERS_TEST_PREVIOUS_INTERPRET", "")
-    if previous:
-        os.environ["TRITON_INTERPRET"] = previous
-    else:
-        os.environ.pop("TRITON_INTERPRET", None)
-    reload_kernels()
+pytestmark = [pytest.mark.interpreter, pytest.mark.usefixtures("interpreted_kernels")]
 
 
 def step_write(*args):
@@ -171,11 +139,19 @@ def test_step_write_mixed_dtypes_in_one_launch():
 def test_step_write_reuses_the_descriptor_table():
     dsts = [rand((T, N, 5), torch.float32), rand((T, N), torch.int64)]
     srcs = [rand((N, 5), torch.float32), rand((N,), torch.int64)]
+    K._common.STEP_TABLES.clear()
     step_write(dsts, 0, srcs)
-    before = len(K._common._TABLES)
-    for index in range(T):
-        step_write(dsts, index, srcs)
-    assert len(K._common._TABLES) == before
+    (table,) = K._common.STEP_TABLES.values()  # built once, by the first call
+    builds = []
+    real_tensor = K._common.torch.tensor
+    K._common.torch.tensor = lambda *a, **kw: builds.append(1) or real_tensor(*a, **kw)
+    try:
+        for index in range(T):
+            step_write(dsts, index, srcs)
+    finally:
+        K._common.torch.tensor = real_tensor
+    assert builds == [] and len(K._common.STEP_TABLES) == 1
+    assert next(iter(K._common.STEP_TABLES.values())) is table
 
 
 def test_write_step_through_ops_casts_and_broadcasts():

@@ -1,0 +1,224 @@
+"""Behaviours a code review found broken or untested; each test failed before its fix."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator, Mapping
+
+import numpy as np
+import pytest
+import torch
+
+import rollout_buffers
+from rollout_buffers import (
+    DictDataset,
+    ExperienceBuffer,
+    RolloutTypeError,
+    RolloutValueError,
+    backend,
+    swap_and_flatten01,
+    use_backend,
+)
+
+
+def _kernel_device() -> str:
+    """Where the Triton kernels can run here: CUDA, else CPU under the interpreter."""
+    pytest.importorskip("triton")
+    if torch.cuda.is_available():
+        return "cuda"
+    if not backend.interpreter_enabled():
+        pytest.skip("no CUDA and TRITON_INTERPRET is off")
+    return "cpu"
+
+
+# -- DictDataset -------------------------------------------------------------------------------
+
+
+def test_dataset_reads_tensor_dict_edited_after_construction():
+    x = torch.arange(4)
+    dataset = DictDataset(4, {"x": x})
+    dataset.tensor_dict["x"] = x * 10  # e.g. advantages re-normalized in place of the old key
+    dataset.tensor_dict["y"] = torch.arange(4) + 100
+    batch = dataset[0]
+    assert torch.equal(batch["x"], torch.tensor([0, 10, 20, 30]))
+    assert torch.equal(batch["y"], torch.tensor([100, 101, 102, 103]))
+
+
+def test_dataset_shuffle_draws_the_permutation_on_the_data_device():
+    dataset = DictDataset(2, {"x": torch.empty(6, 3, device="meta")}, shuffle=True)
+    assert dataset.shuffled_to_original.device.type == "meta"
+    dataset.shuffle()
+    assert dataset.shuffled_to_original.device.type == "meta"
+
+
+def test_dataset_accepts_a_numpy_integer_batch_size():
+    dataset = DictDataset(np.int64(2), {"x": torch.arange(6)})
+    assert dataset.batch_size == 2 and len(dataset) == 3
+
+
+# -- ExperienceBuffer ------------------------------------------------------------------------
+
+
+class _BatchSizedMapping(Mapping):
+    """Like a TensorDict with batch_size=[]: len() is not the number of keys."""
+
+    def __init__(self, data: dict):
+        self._data = data
+
+    def __getitem__(self, key):
+        return self._data[key]
+
+    def __iter__(self) -> Iterator:
+        return iter(self._data)
+
+    def __len__(self) -> int:
+        return 0
+
+
+def test_update_step_counts_keys_not_len_of_the_mapping():
+    buf = ExperienceBuffer(3, 2, device="cpu")
+    buf.register_key("obs", (2,))
+    buf.update_step(1, _BatchSizedMapping({"obs": torch.ones(3, 2)}))
+    assert torch.equal(buf.obs[1], torch.ones(3, 2)) and buf.store_dict["obs"] == 2
+    with pytest.raises(RolloutValueError, match="empty"):
+        buf.update_step(0, _BatchSizedMapping({}))
+
+
+def test_default_device_is_the_current_cuda_device_when_cuda_is_available(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    buf = ExperienceBuffer(2, 3)  # no key registered: nothing is allocated on the fake GPU
+    assert buf.device == torch.device("cuda", 0)
+
+
+def test_sizes_and_dtype_accept_what_torch_accepts():
+    buf = ExperienceBuffer(np.int64(3), np.int32(2), device="cpu")
+    buf.register_key("obs", shape=(np.int64(4),), dtype=float)
+    assert buf.obs.shape == (2, 3, 4) and buf.obs.dtype == torch.float64
+
+
+@pytest.mark.parametrize(
+    "replacement",
+    [torch.zeros(2, 5), torch.zeros(3, 2).t(), torch.zeros(4, 3)[::2]],
+    ids=["wrong-shape", "non-contiguous-transpose", "non-contiguous-slice"],
+)
+def test_a_replaced_buffer_of_wrong_shape_or_layout_is_rejected(replacement):
+    buf = ExperienceBuffer(3, 2, device="cpu")
+    buf.register_key("obs")
+    buf.obs = replacement
+    with pytest.raises(RolloutValueError, match="obs"):
+        buf.update_data("obs", 0, torch.ones(3))
+
+
+def test_compiled_update_step_marks_steps_on_a_deep_copy_not_the_original():
+    torch._dynamo.reset()
+    original = ExperienceBuffer(4, 3, device="cpu")
+    original.register_key("obs", (2,))
+    clone = copy.deepcopy(original)
+    assert clone._token != original._token
+
+    def step(buf, index, obs):
+        buf.update_step(index, {"obs": obs})
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    for index in range(3):
+        compiled(clone, index, torch.full((4, 2), float(index)))
+    assert clone.store_dict == {"obs": 6} and original.store_dict == {"obs": 0}
+    assert not original.obs.any()
+    clone.make_dict()
+
+
+def test_step_index_never_reads_a_tensor_on_a_device(monkeypatch):
+    """A device tensor as index is refused before anything reads its value (a host sync)."""
+
+    def fail(*_):
+        raise AssertionError("the index tensor was read")
+
+    monkeypatch.setattr(torch.Tensor, "__index__", fail)
+    monkeypatch.setattr(torch.Tensor, "item", fail)
+    buf = ExperienceBuffer(3, 2, device="cpu")
+    buf.register_key("obs")
+    with pytest.raises(RolloutTypeError, match="meta") as info:
+        buf.update_data("obs", torch.tensor(0, device="meta"), torch.zeros(3))
+    assert "was read" not in str(info.value)
+
+
+def test_auto_backend_routes_cpu_tensors_to_pytorch(monkeypatch):
+    with use_backend("auto"):
+        assert backend.use_triton(torch.device("cpu")) is False
+        if backend.triton_available():
+            import rollout_buffers.kernels as k
+
+            for name in ("step_write", "transpose_flatten", "permuted_gather"):
+                monkeypatch.setattr(k, name, lambda *a, **kw: pytest.fail("kernel on CPU"))
+        buf = ExperienceBuffer(3, 2, device="cpu")
+        buf.register_key("obs")
+        buf.update_step(0, {"obs": torch.ones(3)})
+        buf.update_data("obs", 1, torch.ones(3))
+        data = buf.make_dict()
+        assert DictDataset(3, data)[1]["obs"].shape == (3,)
+
+
+def test_swap_and_flatten01_keeps_autograd_for_inputs_that_require_grad():
+    x = torch.randn(2, 3, requires_grad=True)
+    y = swap_and_flatten01(x)
+    assert y.requires_grad
+    y.sum().backward()
+    assert torch.equal(x.grad, torch.ones(2, 3))
+
+
+def test_a_python_number_is_written_as_a_host_scalar():
+    buf = ExperienceBuffer(3, 2, device="cpu")
+    buf.register_key("rew")
+    buf.update_step(0, {"rew": 0.5})
+    buf.update_data("rew", 1, 2)
+    assert torch.equal(buf.rew, torch.tensor([[0.5] * 3, [2.0] * 3]))
+
+
+# -- The kernels move bytes: lazy sign and conjugation flags must be applied first ------------
+
+
+def test_kernels_apply_negative_views_in_every_hot_path():
+    device = _kernel_device()
+    z = torch.complex(torch.arange(6.0), torch.arange(6.0) + 1).view(2, 3).to(device)
+    neg = z.conj().imag  # a view whose minus sign is a flag, not in memory
+    assert neg.is_neg()
+    expected = -(torch.arange(6.0) + 1).view(2, 3).to(device)
+    with use_backend("torch"):
+        ref_flat = swap_and_flatten01(neg)
+    with use_backend("triton"):
+        buf = ExperienceBuffer(3, 2, device=device)
+        buf.register_key("x")
+        buf.update_step(0, {"x": neg[0]})
+        buf.update_data("x", 1, neg[1])
+        assert torch.equal(buf.x, expected)
+        assert torch.equal(swap_and_flatten01(neg), ref_flat)
+        dataset = DictDataset(3, {"x": neg.reshape(-1)})
+        assert torch.equal(dataset[1]["x"], expected.reshape(-1)[3:])
+
+
+def test_rollout_buffers_exports_compute_gae():
+    assert callable(rollout_buffers.compute_gae)
+
+
+def test_gae_kernel_with_returns_written_over_values_and_shifted_next_values():
+    """ret over values while next_values is values shifted by one step: the kernel must not
+    read a row it already overwrote. Only a GPU run can catch a regression here: Triton's
+    interpreter copies every argument to the host separately, so nothing aliases there."""
+    device = _kernel_device()
+    g = torch.Generator().manual_seed(3)
+    T, N = 9, 5
+    results = {}
+    for name in ("torch", "triton"):
+        series = torch.randn(T + 1, N, generator=g.manual_seed(3)).to(device)
+        rewards = torch.randn(T, N, generator=g).to(device)
+        dones = (torch.rand(T, N, generator=g) < 0.2).to(device)
+        values, next_values = series[:-1], series[1:]
+        adv = torch.empty(T, N, device=device)
+        with use_backend(name):
+            rollout_buffers.compute_gae(
+                rewards, values, next_values, dones, 0.99, 0.95, out=(adv, values)
+            )
+        results[name] = (adv.cpu(), series.cpu())
+    for got, want in zip(results["triton"], results["torch"]):  # (adv, ret written over values)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
