@@ -38,8 +38,13 @@ def test_bare_import_kernels_never_loads_ours(cwd, tmp_path):
         assert out == "refused"
 
 
-def test_py_typed_ships():
+def test_py_typed_and_kernels_are_declared_for_the_wheel():
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    config = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
     assert (ROOT / "rollout_buffers" / "py.typed").exists()
+    assert "py.typed" in config["package-data"]["rollout_buffers"]
+    assert config["package-dir"]["rollout_buffers.kernels"] == "kernels"
+    assert "rollout_buffers.kernels" in config["packages"]
 
 
 def test_bench_workloads_copy_matches_shared():
