@@ -52,6 +52,16 @@ DTYPES = [
 ]
 
 
+_INT_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    """The tensor's bit pattern as an integer tensor (NaN payloads and -0.0 compare exactly)."""
+    if t.dtype == torch.bool or t.dtype.is_floating_point:
+        return t.contiguous().view(_INT_OF_SIZE[t.element_size()])
+    return t
+
+
 def random_tensor(shape, dtype, device="cpu", generator=None) -> torch.Tensor:
     """Fresh random data of any dtype (bit patterns for floats include no NaN surprises)."""
     if dtype == torch.bool:

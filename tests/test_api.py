@@ -18,7 +18,7 @@ import types
 import numpy as np
 import pytest
 import torch
-from conftest import DTYPES, ROOT, random_tensor, requires_cuda
+from conftest import DTYPES, ROOT, bits, random_tensor, requires_cuda
 
 import rollout_buffers
 from rollout_buffers import (
@@ -33,19 +33,11 @@ from rollout_buffers import (
 from rollout_buffers import backend as backend_module
 
 CPU = "cpu"
-_INT_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
 # ---------------------------------------------------------------------------------------------
 # helpers
 # ---------------------------------------------------------------------------------------------
-
-
-def bits(t: torch.Tensor) -> torch.Tensor:
-    """The tensor's bit pattern as an integer tensor (NaN payloads and -0.0 compare exactly)."""
-    if t.dtype == torch.bool or t.dtype.is_floating_point:
-        return t.view(_INT_OF_SIZE[t.element_size()])
-    return t
 
 
 def assert_bits_equal(actual: torch.Tensor, expected: torch.Tensor) -> None:

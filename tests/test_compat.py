@@ -14,13 +14,12 @@ import re
 import numpy as np
 import pytest
 import torch
-from conftest import DTYPES, random_tensor
+from conftest import DTYPES, bits, random_tensor
 
 import bench.original as orig
 from rollout_buffers import DictDataset, ExperienceBuffer, swap_and_flatten01
 
 CPU = "cpu"
-_INT_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 #: key -> (shape, dtype): every dtype of the contract, scalar and multi-dim keys.
 KEYS = {
@@ -34,12 +33,6 @@ KEYS = {
     "cnt": ((), torch.int32),
 }
 assert {dtype for _, dtype in KEYS.values()} == set(DTYPES)
-
-
-def bits(t: torch.Tensor) -> torch.Tensor:
-    if t.dtype == torch.bool or t.dtype.is_floating_point:
-        return t.view(_INT_OF_SIZE[t.element_size()])
-    return t
 
 
 def assert_same(ours: torch.Tensor, theirs: torch.Tensor) -> None:

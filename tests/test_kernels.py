@@ -15,6 +15,7 @@ pytest.importorskip("triton")
 
 import rollout_buffers.kernels as K
 import torch
+from conftest import DTYPES, random_tensor
 
 from rollout_buffers import backend, ops
 
@@ -33,28 +34,12 @@ def permuted_gather(*args):
     return K.permuted_gather(*args)
 
 
-DTYPES = [
-    torch.bool,
-    torch.uint8,
-    torch.int32,
-    torch.int64,
-    torch.float16,
-    torch.bfloat16,
-    torch.float32,
-    torch.float64,
-]
 T, N = 3, 7  # odd on purpose: nothing divides nicely
 POISON = 0xA5
 
 
 def rand(shape, dtype):
-    if dtype == torch.bool:
-        return torch.randint(0, 2, shape).bool()
-    if dtype.is_floating_point:
-        return torch.randn(shape).to(dtype)
-    info = torch.iinfo(dtype)
-    lo, hi = max(info.min, -(2**31)), min(info.max, 2**31 - 1)
-    return torch.randint(lo, hi, shape, dtype=torch.int64).to(dtype)
+    return random_tensor(shape, dtype)
 
 
 def poisoned(shape, dtype):
