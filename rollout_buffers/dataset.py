@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -107,12 +108,33 @@ class DictDataset(Dataset):
         self.generator = generator
         self._device = device
         self.shuffled_to_original: Tensor = torch.arange(num_tensors, device=device)
+        self._perm_checked: Tensor | None = self.shuffled_to_original
         if shuffle:
             self.shuffle()
 
+    def _adopt_permutation(self, perm: Any) -> Tensor:
+        """A permutation assigned to ``shuffled_to_original`` by the caller (the original kept
+        a NumPy array there), made what the gather reads: 1-D int64, contiguous, on the data's
+        device, ``num_tensors`` long. Checked once per new object, on the host."""
+        try:
+            perm = torch.as_tensor(perm)
+        except Exception as exc:
+            raise RolloutTypeError(
+                f"shuffled_to_original must be a 1-D integer tensor or array, received "
+                f"{type(perm).__name__}: {exc}"
+            ) from None
+        if perm.dim() != 1 or perm.shape[0] != self.num_tensors or perm.is_floating_point():
+            raise RolloutValueError(
+                f"shuffled_to_original must be a 1-D integer permutation of length "
+                f"{self.num_tensors}, received shape {tuple(perm.shape)}, dtype {perm.dtype}"
+            )
+        perm = perm.to(device=self._device, dtype=torch.int64).contiguous()
+        self.shuffled_to_original = self._perm_checked = perm
+        return perm
+
     def shuffle(self) -> None:
         """Draw a new permutation on the tensors' device (``generator`` makes it reproducible)."""
-        self.shuffled_to_original = torch.randperm(
+        self.shuffled_to_original = self._perm_checked = torch.randperm(
             self.num_tensors, device=self._device, generator=self.generator
         )
 
@@ -139,10 +161,8 @@ class DictDataset(Dataset):
         if index < 0:
             index += n
         perm = self.shuffled_to_original
-        if type(perm) is not Tensor:  # the original kept a NumPy array here; accept one
-            perm = self.shuffled_to_original = torch.as_tensor(
-                perm, dtype=torch.int64, device=self._device
-            )
+        if perm is not self._perm_checked:  # assigned from outside since the last batch
+            perm = self._adopt_permutation(perm)
         # Read tensor_dict on every call, as the original did: code that edits it in place after
         # building the dataset (re-normalized advantages, say) gets what it wrote.
         td = self.tensor_dict

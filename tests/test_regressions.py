@@ -222,3 +222,20 @@ def test_gae_kernel_with_returns_written_over_values_and_shifted_next_values():
         results[name] = (adv.cpu(), series.cpu())
     for got, want in zip(results["triton"], results["torch"]):  # (adv, ret written over values)
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_an_assigned_permutation_is_adopted_or_refused_before_any_gather():
+    x = torch.arange(6) * 10
+    dataset = DictDataset(3, {"x": x})
+    dataset.shuffled_to_original = np.array([5, 4, 3, 2, 1, 0])  # as the original kept it
+    assert torch.equal(dataset[0]["x"], torch.tensor([50, 40, 30]))
+    assert dataset.shuffled_to_original.dtype == torch.int64
+    strided = (torch.arange(12, dtype=torch.int32) // 2)[::2]  # 0..5, int32, not contiguous
+    assert not strided.is_contiguous()
+    dataset.shuffled_to_original = strided
+    assert torch.equal(dataset[1]["x"], torch.tensor([30, 40, 50]))
+    assert dataset.shuffled_to_original.is_contiguous()
+    for bad in (torch.arange(5), torch.zeros(6, dtype=torch.float32), torch.zeros(2, 3)):
+        dataset.shuffled_to_original = bad
+        with pytest.raises(RolloutValueError, match="shuffled_to_original"):
+            dataset[0]
