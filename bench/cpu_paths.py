@@ -6,8 +6,8 @@ the original and against candidate variants of ``rollout_buffers/ops.py``'s ``to
 - minibatches, one mini-epoch (permutation drawn + every batch gathered, every key):
   ours (``ops.torch_gather``: ``index_select``) vs the original (NumPy permutation + per-key
   fancy indexing with ``rows % len``) vs ``src[idx]`` vs ``index_select(..., out=preallocated)``.
-- step writes: ours (``ops.torch_write_step``: ``dst.select(0, t).copy_(src)``) vs
-  ``dst[t] = src`` (the original's spelling).
+- step writes: ours (``ops.torch_write_step``, now ``dst[t] = src``) vs
+  ``dst.select(t).copy_(src)``, the spelling it replaced.
 The same variants are also swept over row widths (1 B .. 4 KiB). Median [p20, p80] over
 repetitions, variants interleaved, inputs rotating. Writes bench/results/cpu_paths-cpu.md.
 
@@ -103,14 +103,14 @@ GATHER = {
 # -- step-write variants: every key at step t --------------------------------------------------------
 
 
-def write_setitem(dsts, t, srcs):
+def write_select_copy(dsts, t, srcs):
     for d, s in zip(dsts, srcs, strict=True):
-        d[t] = s
+        d.select(0, t).copy_(s)
 
 
 WRITE = {
-    "ours: select(0, t).copy_ (ops.torch_write_step)": ops.torch_write_step,
-    "dst[t] = src": write_setitem,
+    "ours: dst[t] = src (ops.torch_write_step)": ops.torch_write_step,
+    "dst.select(0, t).copy_(src)": write_select_copy,
 }
 
 
