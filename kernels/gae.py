@@ -88,6 +88,24 @@ def _affine(c_a, d_a, c_b, d_b):
 
 
 @triton.jit
+def _factors(g_hi, g_lo, gl_hi, gl_lo, F64: tl.constexpr, BC: tl.constexpr):
+    """gamma, gamma * lam and a zero block of BC columns, in the accumulation dtype.
+
+    The factors arrive as an fp32 pair (hi + lo): Triton passes Python floats as fp32, and the
+    pair keeps ~48 bits for fp64 inputs. fp32 needs only hi.
+    """
+    if F64:
+        g = tl.cast(g_hi, tl.float64) + tl.cast(g_lo, tl.float64)
+        gl = tl.cast(gl_hi, tl.float64) + tl.cast(gl_lo, tl.float64)
+        zero = tl.zeros([BC], dtype=tl.float64)
+    else:
+        g = g_hi
+        gl = gl_hi
+        zero = tl.zeros([BC], dtype=tl.float32)
+    return g, gl, zero
+
+
+@triton.jit
 def _gae_walk_kernel(
     p_r, p_v, p_nv, p_d, p_adv, p_ret,
     T, C,
@@ -101,16 +119,7 @@ def _gae_walk_kernel(
     m_c = o_c < C
     o_cr = _col(o_c, K_R)
     o_cd = _col(o_c, K_D)
-    # gamma and gamma * lam arrive as an fp32 pair (hi + lo): Triton passes Python floats as
-    # fp32, and the pair keeps ~48 bits for fp64 inputs. fp32 needs only hi.
-    if F64:
-        g = tl.cast(g_hi, tl.float64) + tl.cast(g_lo, tl.float64)
-        gl = tl.cast(gl_hi, tl.float64) + tl.cast(gl_lo, tl.float64)
-        b_adv = tl.zeros([BC], dtype=tl.float64)
-    else:
-        g = g_hi
-        gl = gl_hi
-        b_adv = tl.zeros([BC], dtype=tl.float32)
+    g, gl, b_adv = _factors(g_hi, g_lo, gl_hi, gl_lo, F64, BC)
     for i_t in range(0, T):
         o_t = (T - 1 - i_t).to(tl.int64)
         b_r = _ld(p_r, o_t * s_r + o_cr, m_c, F64)
@@ -137,14 +146,7 @@ def _gae_scan_kernel(
     o_cr = _col(o_c, K_R)[None, :]
     o_cd = _col(o_c, K_D)[None, :]
     o_cv = o_c[None, :]
-    if F64:
-        g = tl.cast(g_hi, tl.float64) + tl.cast(g_lo, tl.float64)
-        gl = tl.cast(gl_hi, tl.float64) + tl.cast(gl_lo, tl.float64)
-        b_carry = tl.zeros([BC], dtype=tl.float64)
-    else:
-        g = g_hi
-        gl = gl_hi
-        b_carry = tl.zeros([BC], dtype=tl.float32)
+    g, gl, b_carry = _factors(g_hi, g_lo, gl_hi, gl_lo, F64, BC)
     # Row i of a chunk is time t0 - i: rows run backwards in time, so a plain forward scan
     # (no `reverse=`, no flip) follows the recurrence. The last chunk is partial at t < 0;
     # its masked rows come after every valid row in scan order and cannot affect them.
