@@ -55,10 +55,13 @@ def _copy_rows(p_t, d_p, perm, start, i_b, WB: tl.constexpr, MOD: tl.constexpr,
         else:
             i_r = o_d // r_u
             o_c = o_d - i_r * r_u
-        i_s = tl.load(perm + start + i_r, mask=m_u, other=0).to(tl.int32)
+        i_s = tl.load(perm + start + i_r, mask=m_u, other=0)
         if MOD:
-            i_s = i_s % n_l.to(tl.int32)
-        o_s = i_s.to(tl.int64) * s_0 + o_c
+            # Python's modulo, in 64 bits: an assigned permutation may hold any int64, and
+            # C's % keeps the sign of a negative entry. Never a row outside [0, n_l).
+            i_s = i_s % n_l
+            i_s = tl.where(i_s < 0, i_s + n_l, i_s)
+        o_s = i_s * s_0 + o_c
         b_x = tl.load(unit_ptrs(s_p, o_s, WB), mask=m_u[:, None])
         tl.store(unit_ptrs(d_p, o_d, WB), b_x, mask=m_u[:, None])
 
@@ -77,7 +80,7 @@ def _permuted_gather_kernel(tab, outs, perm, start, K: tl.constexpr, WB: tl.cons
             _copy_rows(p_t, d_p, p_s, 0, i_p - p_0, WB[k], MOD[k], I32[k], BB, CH)
 
 
-def _build(srcs: Sequence[Tensor], n: int, count: int):
+def _build(srcs: Sequence[Tensor], n: int, count: int, wrap: bool):
     rows, wbs, mods, i32s, p = [], [], [], [], 0
     for s in srcs:
         es = s.element_size()
@@ -88,19 +91,23 @@ def _build(srcs: Sequence[Tensor], n: int, count: int):
         q = p + n_programs(count * rb)
         rows.append((s.data_ptr(), s0b // wb, s.shape[0], rb // wb, n_u, p, q))
         wbs.append(wb)
-        mods.append(s.shape[0] < n)
+        mods.append(wrap or s.shape[0] < n)
         i32s.append(n_u < I32_LIMIT)
         p = q
     return srcs[0].device, rows, (tuple(wbs), tuple(mods), tuple(i32s), p)
 
 
-def permuted_gather(srcs: Sequence[Tensor], perm: Tensor, start: int, count: int) -> list[Tensor]:
+def permuted_gather(
+    srcs: Sequence[Tensor], perm: Tensor, start: int, count: int, wrap: bool = False
+) -> list[Tensor]:
     """Gather rows ``perm[start:start+count]`` (modulo each tensor's length), in one launch.
 
     Args:
         srcs: tensors ``(L_k, *shape_k)`` on ``perm``'s device, any dtypes, any row stride
             (rows that are not dense are made contiguous first). ``L_k >= 1``.
         perm: 1-D int64 permutation of ``range(n)`` (``n < 2**31``), read on the device.
+        wrap: ``perm`` may hold any int64 (an assigned permutation): every key then takes its
+            entries modulo its length (Python's modulo), not only the shorter keys.
         start: first entry of ``perm`` to use (not a compile-time constant).
         count: rows to gather, ``start + count <= n``.
 
@@ -109,8 +116,8 @@ def permuted_gather(srcs: Sequence[Tensor], perm: Tensor, start: int, count: int
     """
     n = perm.shape[0]
     srcs = [s if s.is_contiguous() or dense_rows(s, 1) else s.contiguous() for s in srcs]
-    key = (n, count) + tuple((s.data_ptr(), s.shape, s.stride(), s.dtype) for s in srcs)
-    tab, (wbs, mods, i32s, grid), _ = cached_table(key, lambda: _build(srcs, n, count))
+    key = (n, count, wrap) + tuple((s.data_ptr(), s.shape, s.stride(), s.dtype) for s in srcs)
+    tab, (wbs, mods, i32s, grid), _ = cached_table(key, lambda: _build(srcs, n, count, wrap))
     outs = [torch.empty((count, *s.shape[1:]), dtype=s.dtype, device=s.device) for s in srcs]
     if grid:
         with device_guard(perm):

@@ -109,6 +109,7 @@ class DictDataset(Dataset):
         self._device = device
         self.shuffled_to_original: Tensor = torch.arange(num_tensors, device=device)
         self._perm_checked: Tensor | None = self.shuffled_to_original
+        self._wrap = False  # the permutation may hold entries outside [0, num_tensors)
         if shuffle:
             self.shuffle()
 
@@ -128,6 +129,12 @@ class DictDataset(Dataset):
                 f"shuffled_to_original must be a 1-D integer permutation of length "
                 f"{self.num_tensors}, received shape {tuple(perm.shape)}, dtype {perm.dtype}"
             )
+        # The original took every entry modulo each key's length, so an entry outside
+        # [0, n) wraps. On the host that is known for free; a device tensor is not read
+        # (that would synchronize): its batches then take the modulo for every key.
+        self._wrap = perm.device.type != "cpu" or (
+            perm.numel() > 0 and bool((perm.min() < 0) | (perm.max() >= self.num_tensors))
+        )
         perm = perm.to(device=self._device, dtype=torch.int64).contiguous()
         self.shuffled_to_original = self._perm_checked = perm
         return perm
@@ -137,6 +144,7 @@ class DictDataset(Dataset):
         self.shuffled_to_original = self._perm_checked = torch.randperm(
             self.num_tensors, device=self._device, generator=self.generator
         )
+        self._wrap = False
 
     def num_batches(self) -> int:
         """``num_tensors // batch_size``."""
@@ -166,7 +174,8 @@ class DictDataset(Dataset):
         # Read tensor_dict on every call, as the original did: code that edits it in place after
         # building the dataset (re-normalized advantages, say) gets what it wrote.
         td = self.tensor_dict
-        outs = ops.gather(list(td.values()), perm, index * self.batch_size, self.batch_size)
+        start = index * self.batch_size
+        outs = ops.gather(list(td.values()), perm, start, self.batch_size, self._wrap)
         return dict(zip(td.keys(), outs))
 
     def __iter__(self) -> Iterator[dict[str, Tensor]]:

@@ -55,16 +55,19 @@ def torch_flatten(srcs: Sequence[Tensor]) -> list[Tensor]:
     return outs
 
 
-def torch_gather(srcs: Sequence[Tensor], perm: Tensor, start: int, count: int) -> list[Tensor]:
-    """``src[perm[start:start+count] % len(src)]`` for every tensor.
+def torch_gather(
+    srcs: Sequence[Tensor], perm: Tensor, start: int, count: int, wrap: bool = False
+) -> list[Tensor]:
+    """``src[perm[start:start+count] % len(src)]`` for every tensor (Python's modulo: never
+    negative).
 
     ``index_select`` rather than fancy indexing: on CPU it ran several times faster on the same
-    rows (see bench/). Tensors as long as the permutation skip the modulo; shorter ones share
-    one modulo per distinct length.
+    rows (see bench/). Tensors as long as the permutation skip the modulo unless ``wrap`` says
+    its entries may lie outside ``[0, len(perm))`` (a permutation assigned by the caller);
+    shorter ones share one modulo per distinct length.
     """
     idx = perm[start : start + count]
-    n = perm.shape[0]
-    by_len: dict[int, Tensor] = {n: idx}
+    by_len: dict[int, Tensor] = {} if wrap else {perm.shape[0]: idx}
     outs = []
     for src in srcs:
         length = src.shape[0]
@@ -138,10 +141,17 @@ def flatten(srcs: Sequence[Tensor]) -> list[Tensor]:
     return torch_flatten(srcs)
 
 
-def gather(srcs: Sequence[Tensor], perm: Tensor, start: int, count: int) -> list[Tensor]:
-    """Rows ``perm[start:start+count]`` (modulo each tensor's length) of every tensor."""
+def gather(
+    srcs: Sequence[Tensor], perm: Tensor, start: int, count: int, wrap: bool = False
+) -> list[Tensor]:
+    """Rows ``perm[start:start+count]`` (modulo each tensor's length) of every tensor.
+
+    ``wrap``: the entries of ``perm`` may lie outside ``[0, len(perm))``; every tensor then
+    takes them modulo its length (Python's modulo), full-length ones included.
+    """
     if backend.use_triton(perm.device):
         from . import kernels
 
-        return kernels.permuted_gather([_bytes_of(s) for s in srcs], perm, start, count)
-    return torch_gather(srcs, perm, start, count)
+        srcs = [_bytes_of(s) for s in srcs]
+        return kernels.permuted_gather(srcs, perm, start, count, wrap)
+    return torch_gather(srcs, perm, start, count, wrap)

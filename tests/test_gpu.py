@@ -228,3 +228,14 @@ def test_gae_kernel_matches_torch_and_does_not_sync(variant, dtype, shape, devic
     tol = {torch.float32: {"rtol": 1e-4, "atol": 1e-4}, torch.float64: {}}.get(dtype, {})
     for got, ref in zip((adv, ret), want, strict=True):
         torch.testing.assert_close(got, ref, **tol)
+
+
+def test_an_assigned_device_permutation_with_entries_outside_the_range_wraps():
+    # A CUDA permutation is not read on the host (no synchronization): every key takes the
+    # modulo on the device, and nothing outside a tensor is read.
+    ds = DictDataset(
+        2, {"a": torch.arange(4, device="cuda"), "s": torch.arange(3, device="cuda") + 10}
+    )
+    ds.shuffled_to_original = torch.tensor([5, 6, 7, -1], device="cuda")
+    assert ds[0]["a"].tolist() == [1, 2] and ds[0]["s"].tolist() == [12, 10]
+    assert ds[1]["a"].tolist() == [3, 3] and ds[1]["s"].tolist() == [11, 12]

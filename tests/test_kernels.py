@@ -241,3 +241,18 @@ def test_word_bytes_picks_the_widest_shared_power_of_two():
     assert K._common.word_bytes(24, 16) == 8
     assert K._common.word_bytes(15) == 1
     assert K._common.word_bytes(0) == 16
+
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.float32, torch.int64], ids=str)
+def test_permuted_gather_wraps_entries_outside_the_range_never_reading_out_of_bounds(dtype):
+    # An assigned permutation may hold anything: with wrap=True every key, full-length keys
+    # included, takes each entry modulo its length with Python's sign rule (-1 -> L - 1).
+    n = 6
+    perm = torch.tensor([5, 6, 7, -1, 2**40 + 3, -(2**35) - 1], dtype=torch.int64)
+    srcs = [rand((n, 3), dtype), rand((4,), dtype), rand((n, 5), dtype)[::1, 1:4]]
+    want = [s[torch.remainder(perm, s.shape[0])] for s in srcs]
+    for start, count in ((0, 6), (2, 3)):
+        outs = permuted_gather(srcs, perm, start, count, True)
+        refs = ops.torch_gather(srcs, perm, start, count, True)
+        for out, ref, w in zip(outs, refs, want, strict=True):
+            assert torch.equal(out, ref) and torch.equal(out, w[start : start + count])

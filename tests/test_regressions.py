@@ -239,3 +239,19 @@ def test_an_assigned_permutation_is_adopted_or_refused_before_any_gather():
         dataset.shuffled_to_original = bad
         with pytest.raises(RolloutValueError, match="shuffled_to_original"):
             dataset[0]
+
+
+@pytest.mark.parametrize("name", ["torch", "triton"])
+def test_an_assigned_permutation_with_entries_outside_the_range_wraps_like_the_original(name):
+    # The original took every entry modulo each key's length. The Triton path used to skip the
+    # modulo for full-length keys and read outside the tensor (a memory-safety bug).
+    if name == "triton":
+        _kernel_device()
+    with use_backend(name):
+        for perm in (np.array([5, 6, 7, -1]), torch.tensor([5, 6, 7, -1])):
+            ds = DictDataset(2, {"a": torch.arange(4), "s": torch.arange(3) + 10})
+            ds.shuffled_to_original = perm
+            assert ds[0]["a"].tolist() == [1, 2] and ds[0]["s"].tolist() == [12, 10]
+            assert ds[1]["a"].tolist() == [3, 3] and ds[1]["s"].tolist() == [11, 12]
+            ds.shuffle()  # a drawn permutation needs no wrap
+            assert sorted(torch.cat([b["a"] for b in ds]).tolist()) == [0, 1, 2, 3]
