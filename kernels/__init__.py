@@ -2,7 +2,10 @@
 
 Each launcher moves raw bytes for many keys in one launch and knows nothing of buffers or
 datasets: :func:`step_write` (a rollout step), :func:`transpose_flatten` (make_dict) and
-:func:`permuted_gather` (a minibatch).
+:func:`permuted_gather` (a minibatch). Each also comes prepared (:class:`StepWriter`,
+:class:`Flattener`, :class:`Gatherer`): built once for fixed sources or destinations, then
+called per step / flatten / minibatch through a cached launch plan (Triton's compiled
+launcher called directly; see ``_common.LaunchPlan``).
 """
 
 if __name__ == "kernels":  # imported through the repository root on sys.path
@@ -12,8 +15,28 @@ if __name__ == "kernels":  # imported through the repository root on sys.path
         "a bare `import kernels` must not load it (that name belongs to Hugging Face's package)"
     )
 
-from .permuted_gather import permuted_gather  # noqa: E402
-from .step_write import step_write  # noqa: E402
-from .transpose_flatten import transpose_flatten  # noqa: E402
+from .permuted_gather import (  # noqa: E402
+    CHUNKS,
+    ENV_MAJOR,
+    ROWS,
+    Gatherer,
+    gatherer,
+    permuted_gather,
+)
+from .step_write import StepWriter, step_write, step_writer  # noqa: E402
+from .transpose_flatten import Flattener, flattener, transpose_flatten  # noqa: E402
 
-__all__ = ["step_write", "transpose_flatten", "permuted_gather"]
+__all__ = [
+    "step_write",
+    "transpose_flatten",
+    "permuted_gather",
+    "StepWriter",
+    "Flattener",
+    "Gatherer",
+    "step_writer",
+    "flattener",
+    "gatherer",
+    "ROWS",
+    "ENV_MAJOR",
+    "CHUNKS",
+]

@@ -65,6 +65,36 @@ def unit_ptrs(base, uoff, WB: tl.constexpr):
     return p + o
 
 
+@triton.constexpr_function
+def pow2(k):
+    """The smallest power of two >= k (a vector over the keys of a launch needs one)."""
+    return 1 << max(k - 1, 0).bit_length()
+
+
+@triton.jit
+def tile_ptrs(base, o_r, o_c, WB: tl.constexpr):
+    """Pointers ``[R, C, V]`` to units ``o_r[:, None] + o_c[None, :]`` of a region at ``base``
+    (row offsets ``o_r`` and column offsets ``o_c`` in units): a row tile whose columns are a
+    plain range, so a row moves as coalesced (for 16-byte units, 128-bit) accesses."""
+    o = o_r[:, None] + o_c[None, :]
+    if WB == 16:
+        p = tl.multiple_of(base.to(tl.pointer_type(tl.int32)), 16)
+        o = (o * 4)[:, :, None] + tl.arange(0, 4)[None, None, :]
+    elif WB == 8:
+        p = tl.multiple_of(base.to(tl.pointer_type(tl.int64)), 8)
+        o = o[:, :, None]
+    elif WB == 4:
+        p = tl.multiple_of(base.to(tl.pointer_type(tl.int32)), 4)
+        o = o[:, :, None]
+    elif WB == 2:
+        p = tl.multiple_of(base.to(tl.pointer_type(tl.int16)), 2)
+        o = o[:, :, None]
+    else:
+        p = base.to(tl.pointer_type(tl.int8))
+        o = o[:, :, None]
+    return p + o
+
+
 @triton.jit
 def addr(a):
     """An int64 address loaded from a descriptor table, as a byte pointer."""
@@ -100,6 +130,43 @@ def device_guard(t: torch.Tensor):
     return contextlib.nullcontext()
 
 
+def next_pow2(n: int) -> int:
+    return 1 << max(n - 1, 0).bit_length()
+
+
+def row_tiles(row_bytes: int, wb: int, depth: int = 1) -> tuple[int, int, int, int]:
+    """How a program copies rows of ``row_bytes`` bytes in ``wb``-byte units.
+
+    Returns ``(RU, R, CB, NT)``: ``RU`` units per row, tiles of ``R`` rows x ``CB`` columns
+    (``ceil(RU / CB)`` column blocks per row, ``R * CB <= CHUNK`` units at a time: the
+    registers' bound) and ``NT`` tiles per program, so that a program moves about
+    ``BLOCK_BYTES``. A gather (``depth`` 1) takes the power-of-two ``CB`` that wastes the
+    fewest lanes in at most 16 blocks (ties: the wider) and ``R = CHUNK // CB``. A transpose
+    walks ``depth`` rows per tile row, so its ``R`` is what fits ``BLOCK_BYTES`` and a row is
+    one block when it fits ``CHUNK`` units (and at least 4 units per thread: narrower tiles
+    would not vectorize).
+    """
+    ru = row_bytes // wb
+    if ru == 0:  # rows of no bytes: nothing to copy, no programs
+        return 0, 1, 1, 1
+    if depth == 1:
+        cb, lanes = 1, None
+        b = min(next_pow2(ru), CHUNK)
+        while b >= 1 and -(-ru // b) <= 16:
+            n = -(-ru // b) * b
+            if lanes is None or n < lanes:
+                cb, lanes = b, n
+            b //= 2
+        r = CHUNK // cb
+    else:
+        cb = min(next_pow2(ru), CHUNK)
+        fit = max(BLOCK_BYTES // max(depth * row_bytes, 1), 1)
+        # At least 4 units a thread per tile: Triton vectorizes a thread's contiguous units.
+        r = min(max(1 << (fit.bit_length() - 1), 4 * 32 * NUM_WARPS // cb), CHUNK // cb)
+    nt = max(1, BLOCK_BYTES // max(r * depth * row_bytes, 1))
+    return ru, r, cb, nt
+
+
 def interpreter() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
@@ -110,12 +177,12 @@ def interpreter() -> bool:
 _INTERPRETED = interpreter()
 
 
-def cached_table(key: tuple, build, store: dict | None = None):
+def cached_table(key: tuple, build, store: dict | None = None, cols: int = 8):
     """A descriptor table on the device, built once per distinct ``key``.
 
     ``key`` must identify the table's contents (device, pointers, shapes, strides, dtypes), so
     a hit is always a valid table even after a storage is freed and its address reused.
-    ``build()`` returns ``(device, rows, extra)``: ``rows`` become an int64 ``[len(rows), 8]``
+    ``build()`` returns ``(device, rows, extra)``: ``rows`` become an int64 ``[len(rows), cols]``
     tensor on ``device``; ``extra`` is whatever host-side facts the launcher wants kept with it.
     Returns ``(table, extra, host_copy)``. The copy to the device goes through pinned memory,
     non-blocking, so a miss does not synchronize the host either (the pinned buffer lives as
@@ -136,7 +203,7 @@ def cached_table(key: tuple, build, store: dict | None = None):
         )
     if bounded and len(store) >= _TABLES_MAX:
         store.clear()
-    host = torch.tensor([list(r) + [0] * (8 - len(r)) for r in rows], dtype=torch.int64)
+    host = torch.tensor([list(r) + [0] * (cols - len(r)) for r in rows], dtype=torch.int64)
     capturing = False
     if device.type == "cuda":
         host = host.pin_memory()
@@ -153,3 +220,106 @@ def cached_table(key: tuple, build, store: dict | None = None):
         return entry
     store[key] = entry
     return entry
+
+
+# ---------------------------------------------------------------------------------------------
+# Launch plans: Triton's compiled launcher, called directly
+# ---------------------------------------------------------------------------------------------
+#
+# ``kernel[grid](...)`` costs ~8 us of host time before the driver sees anything (binding,
+# specialization, the cache key, a re-check of every global the kernel reads, launch metadata
+# for the profiler hooks): more than the GPU needs for a whole rollout step. Once a launch has
+# been compiled, everything that decides which compiled kernel runs is known to the caller, so
+# the caller keeps a LaunchPlan under a key that pins it (constexprs, the 16-byte alignment of
+# every pointer, the integer arguments Triton specializes on) and replays the compiled
+# kernel's launcher with the runtime arguments only. The arguments and their order are exactly
+# what ``JITFunction.run`` passes (the same call in triton 3.6 and 3.9; tests/test_launch_plan.py
+# checks it against Triton's own path under a stand-in driver), with pointers as ints.
+
+try:  # launch hooks (profilers such as proton): when any is set, the generic path runs them
+    from triton import knobs as _knobs
+
+    _RUNTIME = _knobs.runtime
+except ImportError:  # pragma: no cover - older triton
+    _RUNTIME = None
+
+
+def _hooks_idle() -> bool:
+    r = _RUNTIME
+    if r is None:
+        return False
+    enter, leave = r.launch_enter_hook, r.launch_exit_hook
+    return (enter is None or not getattr(enter, "calls", True)) and (
+        leave is None or not getattr(leave, "calls", True)
+    )
+
+
+def _cuda_device_calls():
+    c = torch._C
+    if hasattr(c, "_cuda_getDevice") and hasattr(c, "_cuda_exchangeDevice"):
+        return c._cuda_getDevice, c._cuda_exchangeDevice, c._cuda_getCurrentRawStream
+    return None
+
+
+class LaunchPlan:
+    """One kernel launch with a fixed grid and fixed constexprs, replayed without Triton's binder.
+
+    ``plan.direct(*args)`` launches with the runtime arguments (pointers as ints, tuples as
+    tuples) and returns True, or returns False when the plan is not warm yet (the first call,
+    Triton's CPU interpreter) or a launch hook is set: the caller then launches through
+    ``plan.generic(*tensor_args)``, which is ``fn[grid](...)`` and warms the plan.
+    """
+
+    __slots__ = ("fn", "grid", "cx", "tail", "num_warps", "device", "run", "function", "meta",
+                 "stream")  # fmt: skip
+
+    def __init__(self, fn, grid: int, cx: dict, device: torch.device, num_warps: int = NUM_WARPS):
+        self.fn, self.grid, self.cx, self.num_warps = fn, grid, cx, num_warps
+        # Constexprs come last in every kernel of this package, in this order.
+        names = list(fn.arg_names)
+        self.tail = tuple(cx[n] for n in names[len(names) - len(cx) :])
+        assert set(names[len(names) - len(cx) :]) == set(cx), (names, list(cx))
+        self.device = device.index if device.type == "cuda" else None
+        self.run = None
+
+    def generic(self, *args) -> None:
+        """Launch through ``fn[grid](...)`` (tensors for pointers); keep the compiled kernel."""
+        with device_guard_index(self.device):
+            ck = self.fn[(self.grid,)](*args, **self.cx, num_warps=self.num_warps)
+        if ck is not None and self.run is None and hasattr(ck, "packed_metadata"):
+            from triton.runtime.driver import driver
+
+            self.run, self.function, self.meta = ck.run, ck.function, ck.packed_metadata
+            self.stream = driver.active.get_current_stream
+
+    def direct(self, *args) -> bool:
+        run = self.run
+        if run is None or not _hooks_idle():
+            return False
+        dev = self.device
+        if dev is None:  # a stand-in driver (tests): its own notion of the current device
+            from triton.runtime.driver import driver
+
+            run(self.grid, 1, 1, self.stream(driver.active.get_current_device()), self.function,
+                self.meta, None, None, None, *args, *self.tail)  # fmt: skip
+            return True
+        get, exchange, stream = _CUDA
+        prev = get()
+        if prev != dev:
+            exchange(dev)
+        try:
+            run(self.grid, 1, 1, stream(dev), self.function, self.meta, None, None, None,
+                *args, *self.tail)  # fmt: skip
+        finally:
+            if prev != dev:
+                exchange(prev)
+        return True
+
+
+_CUDA = _cuda_device_calls()
+
+
+def device_guard_index(index: int | None):
+    if index is None:
+        return contextlib.nullcontext()
+    return torch.cuda.device(index)

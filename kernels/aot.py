@@ -26,6 +26,18 @@ ARCHS = (80, 90)
 WIDTHS = (16, 8, 4, 2, 1)
 
 
+def _tiles(row_bytes: int, wb: int, steps: int = 1):
+    """(units per row, tile rows, column block, tiles per program) as the launchers pick them."""
+    from ._common import row_tiles
+
+    return row_tiles(row_bytes, wb, steps)
+
+
+# Row sizes of the workloads (bytes): a scalar, a locomotion action (48), an observation (940),
+# a humanoid target pose (5760): each at every unit width that divides it.
+ROW_BYTES = (4, 48, 940, 5760, 16, 8, 2, 1)
+
+
 def _variants():
     """(label, kernel module, kernel name, signature, constexprs, num_warps) for every
     specialization."""
@@ -40,33 +52,47 @@ def _variants():
         cx = {"K": k, "WB": wbs, "FLAT": flats, "I32": i32s, **common}
         out.append((label, "step_write", "_step_write_kernel", sig, cx, 4))
 
-    def tf(label, wbs, i32s):
-        k = len(wbs)
+    def tf(label, keys):  # keys: (wb, row bytes, i32)
+        k = len(keys)
         sig = {"tab": "*i64", "outs": ("*i8",) * k}
-        cx = {"K": k, "WB": wbs, "I32": i32s, **common}
+        tiles = [_tiles(rb, wb, steps=24) for wb, rb, _ in keys]
+        cx = {"K": k, "WB": tuple(w for w, _, _ in keys), "I32": tuple(i for _, _, i in keys)}
+        cx.update(zip(("RU", "R", "CB", "NT"), map(tuple, zip(*tiles, strict=True))))
         out.append((label, "transpose_flatten", "_transpose_flatten_kernel", sig, cx, 4))
 
-    def pg(label, wbs, mods, i32s):
-        k = len(wbs)
-        sig = {"tab": "*i64", "outs": ("*i8",) * k, "perm": "*i64", "start": "i32"}
-        cx = {"K": k, "WB": wbs, "MOD": mods, "I32": i32s, **common}
+    def pg(label, keys):  # keys: (wb, row bytes, mode, mod, i32)
+        k = len(keys)
+        sig = {"tab": "*i64", "outs": ("*i8",) * k, "perm": "*i64", "start": "i32", "nb": "i32",
+               "seq": "i32", "nc": "i32"}  # fmt: skip
+        tiles = [_tiles(rb, wb) for wb, rb, *_ in keys]
+        cx = {"K": k}
+        cx.update(
+            zip(("WB", "MODE", "MOD", "I32"), (tuple(x[i] for x in keys) for i in (0, 2, 3, 4)))
+        )
+        cx.update(zip(("RU", "R", "CB", "NT"), map(tuple, zip(*tiles, strict=True))))
         out.append((label, "permuted_gather", "_permuted_gather_kernel", sig, cx, 4))
 
     for w in WIDTHS:
         sw(f"step_write wb={w} flat", (w,), (True,), (True,))
         sw(f"step_write wb={w} rows", (w,), (False,), (True,))
-        tf(f"transpose_flatten wb={w}", (w,), (True,))
-        pg(f"permuted_gather wb={w}", (w,), (False,), (True,))
-        pg(f"permuted_gather wb={w} mod", (w,), (True,), (True,))
+        for rb in ROW_BYTES:
+            if rb % w == 0 and rb // w <= 1440:
+                tf(f"transpose_flatten wb={w} row={rb}", [(w, rb, True)])
+                pg(f"permuted_gather wb={w} row={rb}", [(w, rb, 0, False, True)])
+        pg(f"permuted_gather wb={w} mod", [(w, 16 * w, 0, True, True)])
+        pg(f"permuted_gather wb={w} env-major", [(w, 48 if w <= 16 else w, 1, False, True)])
+        pg(f"permuted_gather wb={w} chunks", [(w, 48 if w <= 16 else w, 2, False, True)])
     # 64-bit index arithmetic (keys of 2**31 units or more).
     sw("step_write wb=16 rows i64", (16,), (False,), (False,))
-    tf("transpose_flatten wb=16 i64", (16,), (False,))
-    pg("permuted_gather wb=16 mod i64", (16,), (True,), (False,))
-    # One launch over many keys of mixed widths.
+    tf("transpose_flatten wb=16 i64", [(16, 5760, False)])
+    pg("permuted_gather wb=16 mod i64", [(16, 5760, 0, True, False)])
+    pg("permuted_gather wb=16 env-major i64", [(16, 5760, 1, True, False)])
+    pg("permuted_gather wb=16 chunks i64", [(16, 5760, 2, False, False)])
+    # One launch over many keys of mixed widths and modes.
     n = len(WIDTHS)
     sw("step_write 5 keys mixed", WIDTHS, (True, False) * 2 + (True,), (True,) * n)
-    tf("transpose_flatten 5 keys mixed", WIDTHS, (True,) * n)
-    pg("permuted_gather 5 keys mixed", WIDTHS, (True, False) * 2 + (True,), (True,) * n)
+    tf("transpose_flatten 5 keys mixed", [(w, 48, True) for w in WIDTHS])
+    pg("permuted_gather 5 keys mixed", [(w, 48, m % 3, m == 0, True) for m, w in enumerate(WIDTHS)])
     sw("step_write 16 keys", (16,) * 16, (True,) * 16, (True,) * 16)
     # GAE: one thread per column walking time, so its loads are 32-bit by design (coalesced
     # across the warp); no 128-bit check applies to it.

@@ -1,10 +1,23 @@
-"""Minibatch gather: ``out[k][r] = srcs[k][perm[start + r] % len(srcs[k])]``, in one launch.
+"""Minibatch gather: rows picked by an on-device index array, for many keys, in one launch.
 
-The permutation stays on the device and is read by the kernel, so serving a minibatch costs
-no host round trip. Each output unit loads its row's permutation entry (the ``RU`` units of a
-row hit the same cached word), reduces it modulo the key's length only for keys shorter than
-the permutation, and copies its unit. The sources (the dataset's tensors) are fixed, so their
-descriptors live in a device table built once; outputs are new every call (a tuple of tensors).
+Three ways to map an output row to a source row, chosen per key (``MODE``):
+
+- ``ROWS``: a tensor ``(L, *shape)``; output row ``r`` is source row ``perm[start + r] % L``.
+- ``ENV_MAJOR``: a time-major storage ``(T, N, *shape)`` read as its env-major flattening (what
+  ``swap_and_flatten01`` would return): row ``i = perm[start + r] % L`` is ``src[i % T, i // T]``.
+  A minibatch of a rollout is served straight from the buffer, with no flattened copy.
+- ``CHUNKS``: sequences of ``seq`` consecutive steps of one env, for recurrent policies. Chunk id
+  ``c = perm[start + b]`` is env ``c // nc``, chunk ``c % nc`` (``nc = T // seq``); output row
+  ``s * nb + b`` (an ``(S, nb, *shape)`` output, ``S`` = ``seq`` or 1 for the first step only)
+  is ``src[(c % nc) * seq + s, c // nc]``.
+
+A program finds its key with one vector load of the table's first-program column, then copies
+tiles of ``R`` rows x ``CB`` units: the row index arithmetic (the permutation load, the modulo,
+the divisions of ENV_MAJOR and CHUNKS) is done once per row, never per unit, and the columns of
+a row are a plain ``arange`` (coalesced, 128-bit for 16-byte units). The permutation stays on
+the device: serving a minibatch costs no host round trip. Sources are fixed (a dataset's
+tensors, a buffer's storages), so their descriptors live in a device table built once; outputs
+are new every call (a tuple of pointers).
 """
 
 from __future__ import annotations
@@ -18,83 +31,234 @@ import triton.language as tl
 from torch import Tensor
 
 from ._common import (
-    BLOCK_BYTES,
-    CHUNK,
     I32_LIMIT,
-    NUM_WARPS,
+    LaunchPlan,
     addr,
     cached_table,
     dense_rows,
-    device_guard,
-    n_programs,
-    unit_ptrs,
+    pow2,
+    row_tiles,
+    tile_ptrs,
     word_bytes,
 )
 
-# Table columns (strides and sizes in units of the key's WB bytes).
-_PTR, _S0U, _LEN, _RU, _NU, _P0, _P1 = (tl.constexpr(i) for i in range(7))
+__all__ = ["ROWS", "ENV_MAJOR", "CHUNKS", "Gatherer", "gatherer", "permuted_gather"]
+
+ROWS, ENV_MAJOR, CHUNKS = 0, 1, 2
 
 
 @triton.jit
-def _copy_rows(p_t, d_p, perm, start, i_b, WB: tl.constexpr, MOD: tl.constexpr,
-               I32: tl.constexpr, BB: tl.constexpr, CH: tl.constexpr):  # fmt: skip
-    s_p = addr(tl.load(p_t + _PTR))
-    s_0 = tl.load(p_t + _S0U)
-    n_l = tl.load(p_t + _LEN)
-    r_u = tl.load(p_t + _RU)
-    n_u = tl.load(p_t + _NU)
-    o_0 = i_b * (BB // WB)
-    for i_c in range(BB // WB // CH):
-        o_d = o_0 + i_c * CH + tl.arange(0, CH)
-        m_u = o_d < n_u
-        # Output unit -> output row and column; rows and lengths fit in 32 bits.
-        if I32:
-            o_32 = o_d.to(tl.int32)
-            i_r = o_32 // r_u.to(tl.int32)
-            o_c = (o_32 - i_r * r_u.to(tl.int32)).to(tl.int64)
+def _gather_key(p_t, d_p, p_s, i_b, nb, seq, nc, WB: tl.constexpr, MODE: tl.constexpr,
+                MOD: tl.constexpr, I32: tl.constexpr, RU: tl.constexpr, R: tl.constexpr,
+                CB: tl.constexpr, NT: tl.constexpr):  # fmt: skip
+    # Table row: [address, s_a, s_b (units), L, T, output rows, first program, -].
+    s_p = addr(tl.load(p_t))
+    s_a = tl.load(p_t + 1)
+    s_b = tl.load(p_t + 2)
+    n_l = tl.load(p_t + 3)
+    n_t = tl.load(p_t + 4)
+    n_r = tl.load(p_t + 5)
+    if I32:
+        s_a = s_a.to(tl.int32)
+        s_b = s_b.to(tl.int32)
+    for i_t in range(NT):
+        o_r = (i_b * NT + i_t) * R + tl.arange(0, R)
+        m_r = o_r < n_r
+        if MODE == 2:
+            # Chunks: output row s * nb + b reads step (c % nc) * seq + s of env c // nc.
+            o_r32 = o_r.to(tl.int32)
+            i_s = o_r32 // nb
+            i_c = tl.load(p_s + (o_r32 - i_s * nb), mask=m_r, other=0).to(tl.int32)
+            i_e = i_c // nc
+            i_st = (i_c - i_e * nc) * seq + i_s
+            if I32:
+                o_s = i_st * s_a + i_e * s_b
+            else:
+                o_s = i_st.to(tl.int64) * s_a + i_e.to(tl.int64) * s_b
         else:
-            i_r = o_d // r_u
-            o_c = o_d - i_r * r_u
-        i_s = tl.load(perm + start + i_r, mask=m_u, other=0)
-        if MOD:
-            # Python's modulo, in 64 bits: an assigned permutation may hold any int64, and
-            # C's % keeps the sign of a negative entry. Never a row outside [0, n_l).
-            i_s = i_s % n_l
-            i_s = tl.where(i_s < 0, i_s + n_l, i_s)
-        o_s = i_s * s_0 + o_c
-        b_x = tl.load(unit_ptrs(s_p, o_s, WB), mask=m_u[:, None])
-        tl.store(unit_ptrs(d_p, o_d, WB), b_x, mask=m_u[:, None])
+            i_x = tl.load(p_s + o_r, mask=m_r, other=0)
+            if MOD:
+                # Python's modulo, in 64 bits: an assigned permutation may hold any int64, and
+                # C's % keeps the sign of a negative entry. Never a row outside [0, L).
+                i_x = i_x % n_l
+                i_x = tl.where(i_x < 0, i_x + n_l, i_x)
+            if MODE == 1:
+                # Env-major row i of a (T, N) storage: step i % T of env i // T.
+                i_32 = i_x.to(tl.int32)
+                i_e = i_32 // n_t.to(tl.int32)
+                i_st = i_32 - i_e * n_t.to(tl.int32)
+                if I32:
+                    o_s = i_st * s_a + i_e * s_b
+                else:
+                    o_s = i_st.to(tl.int64) * s_a + i_e.to(tl.int64) * s_b
+            else:
+                if I32:
+                    o_s = i_x.to(tl.int32) * s_a
+                else:
+                    o_s = i_x * s_a
+        if I32:
+            o_d = o_r.to(tl.int32) * RU
+        else:
+            o_d = o_r * RU
+        for i_c in tl.static_range((RU + CB - 1) // CB):
+            o_c = i_c * CB + tl.arange(0, CB)
+            m = (m_r[:, None] & (o_c < RU)[None, :])[:, :, None]
+            b_x = tl.load(tile_ptrs(s_p, o_s, o_c, WB), mask=m)
+            tl.store(tile_ptrs(d_p, o_d, o_c, WB), b_x, mask=m)
 
 
-@triton.jit(do_not_specialize=["start"])
-def _permuted_gather_kernel(tab, outs, perm, start, K: tl.constexpr, WB: tl.constexpr,
-                            MOD: tl.constexpr, I32: tl.constexpr, BB: tl.constexpr,
-                            CH: tl.constexpr):  # fmt: skip
+@triton.jit(do_not_specialize=["start", "nb", "seq", "nc"])
+def _permuted_gather_kernel(tab, outs, perm, start, nb, seq, nc, K: tl.constexpr,
+                            WB: tl.constexpr, MODE: tl.constexpr, MOD: tl.constexpr,
+                            I32: tl.constexpr, RU: tl.constexpr, R: tl.constexpr,
+                            CB: tl.constexpr, NT: tl.constexpr):  # fmt: skip
     i_p = tl.program_id(0).to(tl.int64)
+    o_k = tl.arange(0, pow2(K))
+    p_0s = tl.load(tab + o_k * 8 + 6, mask=o_k < K, other=1 << 62)
+    i_k = tl.sum((p_0s <= i_p).to(tl.int32), axis=0) - 1
+    p_0 = tl.max(tl.where(o_k == i_k, p_0s, 0), axis=0)
     p_s = perm + start.to(tl.int64)
     for k in tl.static_range(K):
-        p_t = tab + k * 8
-        p_0 = tl.load(p_t + _P0)
-        if (i_p >= p_0) & (i_p < tl.load(p_t + _P1)):
+        if i_k == k:
             d_p = outs[k].to(tl.pointer_type(tl.int8))
-            _copy_rows(p_t, d_p, p_s, 0, i_p - p_0, WB[k], MOD[k], I32[k], BB, CH)
+            _gather_key(tab + k * 8, d_p, p_s, i_p - p_0, nb, seq, nc, WB[k], MODE[k], MOD[k],
+                        I32[k], RU[k], R[k], CB[k], NT[k])  # fmt: skip
 
 
-def _build(srcs: Sequence[Tensor], n: int, count: int, wrap: bool):
-    rows, wbs, mods, i32s, p = [], [], [], [], 0
-    for s in srcs:
-        es = s.element_size()
-        rb = math.prod(s.shape[1:]) * es
-        s0b = s.stride(0) * es
-        wb = word_bytes(s.data_ptr(), rb, s0b)
-        n_u = count * rb // wb
-        q = p + n_programs(count * rb)
-        rows.append((s.data_ptr(), s0b // wb, s.shape[0], rb // wb, n_u, p, q))
-        wbs.append(wb)
-        mods.append(wrap or s.shape[0] < n)
-        i32s.append(n_u < I32_LIMIT)
-        p = q
-    return srcs[0].device, rows, (tuple(wbs), tuple(mods), tuple(i32s), p)
+def _layout(s: Tensor, mode: int, rows: int):
+    """(address, s_a, s_b, units per row, wb, i32, tile rows, col block, tiles per program)."""
+    es = s.element_size()
+    lead = 1 if mode == ROWS else 2
+    rb = math.prod(s.shape[lead:]) * es
+    s_a = s.stride(0) * es
+    s_b = s.stride(1) * es if mode != ROWS else 0
+    wb = word_bytes(s.data_ptr(), rb, s_a, s_b)
+    ru, r, cb, nt = row_tiles(rb, wb)
+    if mode == ROWS:
+        extent = (s.shape[0] - 1) * (s_a // wb) + ru
+    else:
+        extent = (s.shape[0] - 1) * (s_a // wb) + (s.shape[1] - 1) * (s_b // wb) + ru
+    i32 = extent < I32_LIMIT and rows * ru < I32_LIMIT
+    return s.data_ptr(), s_a // wb, s_b // wb, ru, wb, i32, r, cb, nt
+
+
+def _build(srcs, modes, lengths, first, n, count, wrap, seq):
+    rows, cx, p = [], [], 0
+    for s, mode, length, f in zip(srcs, modes, lengths, first, strict=True):
+        out_rows = count * (seq if mode == CHUNKS and not f else 1)
+        ptr, s_a, s_b, ru, wb, i32, r, cb, nt = _layout(s, mode, out_rows)
+        t = s.shape[0] if mode != ROWS else 1
+        rows.append((ptr, s_a, s_b, length, t, out_rows, p))
+        mod = mode != CHUNKS and (wrap or length < n)
+        cx.append((wb, mode, mod, i32, ru, r, cb, nt))
+        p += -(-out_rows // (r * nt)) if ru else 0
+    return srcs[0].device, rows, (tuple(cx), p)
+
+
+class Gatherer:
+    """The minibatch gather of a fixed list of sources, prepared once and called per minibatch.
+
+    ``gatherer(perm, start)`` returns one new contiguous tensor per source: ``count`` rows of a
+    ``ROWS`` or ``ENV_MAJOR`` source (``(count, *shape)``), or ``(S, count, *shape)`` for a
+    ``CHUNKS`` source (``S`` = ``seq``, or 1 for a key of ``first_step``). Every call replays
+    one cached launch plan: per call, the outputs' allocation, one ``data_ptr()`` each, and the
+    launch.
+
+    Args:
+        srcs: the sources, on one device, any dtypes: ``(L, *shape)`` for ``ROWS``,
+            ``(T, N, *shape)`` for ``ENV_MAJOR`` and ``CHUNKS``; any strides on the leading
+            dims (rows that are not dense are made contiguous first).
+        modes: ``ROWS``, ``ENV_MAJOR`` or ``CHUNKS`` per source.
+        lengths: the modulo length of each source (``ROWS``: at most its rows; ``ENV_MAJOR``:
+            at most ``T * N``); unused for ``CHUNKS``.
+        n: the length of the permutations this gatherer will be called with.
+        count: rows per minibatch (``CHUNKS``: chunks per minibatch).
+        wrap: the permutations may hold entries outside ``[0, n)``: every key takes the modulo
+            (Python's: never negative), full-length keys included.
+        seq: steps per chunk (``CHUNKS``); ``T`` must be a multiple of it.
+        first_step: per source, whether a ``CHUNKS`` source yields only each chunk's first step.
+    """
+
+    __slots__ = (
+        "srcs",
+        "table",
+        "tptr",
+        "cx",
+        "grid",
+        "shapes",
+        "device",
+        "plans",
+        "nb",
+        "seq",
+        "nc",
+    )
+
+    def __init__(self, srcs: Sequence[Tensor], modes: Sequence[int], lengths: Sequence[int],
+                 n: int, count: int, wrap: bool = False, seq: int = 1,
+                 first_step: Sequence[bool] | None = None) -> None:  # fmt: skip
+        lead = [1 if m == ROWS else 2 for m in modes]
+        srcs = [s if s.is_contiguous() or dense_rows(s, d) else s.contiguous()
+                for s, d in zip(srcs, lead, strict=True)]  # fmt: skip
+        srcs = [s.resolve_conj().resolve_neg() if s.is_neg() or s.is_conj() else s for s in srcs]
+        first = tuple(first_step) if first_step is not None else (False,) * len(srcs)
+        self.srcs = tuple(srcs)
+        key = (n, count, wrap, seq, tuple(modes), tuple(lengths), first) + tuple(
+            (s.data_ptr(), s.shape, s.stride(), s.dtype) for s in srcs
+        )
+        self.table, (self.cx, self.grid), _ = cached_table(
+            key, lambda: _build(srcs, modes, lengths, first, n, count, wrap, seq)
+        )
+        self.tptr = self.table.data_ptr()
+        self.shapes = []
+        for s, m, d, f in zip(srcs, modes, lead, first, strict=True):
+            tail = tuple(s.shape[d:])
+            self.shapes.append((count, *tail) if m != CHUNKS else ((1 if f else seq), count, *tail))
+        self.device = srcs[0].device
+        self.nb, self.seq = count, seq
+        self.nc = next((s.shape[0] // seq for s, m in zip(srcs, modes) if m == CHUNKS), 1)
+        self.plans: dict[int, LaunchPlan] = {}
+
+    def __call__(self, perm: Tensor, start: int) -> list[Tensor]:
+        """Gather minibatch ``perm[start:start + count]`` (``CHUNKS``: chunk ids)."""
+        dev = self.device
+        outs = [torch.empty(shape, dtype=s.dtype, device=dev)
+                for shape, s in zip(self.shapes, self.srcs)]  # fmt: skip
+        if not self.grid:
+            return outs
+        ptrs = [o.data_ptr() for o in outs]
+        pp = perm.data_ptr()
+        acc = pp
+        for p in ptrs:
+            acc |= p
+        key = acc & 15  # the pointers' 16-byte alignment is part of the specialization
+        plan = self.plans.get(key)
+        if plan is None:
+            wb, mode, mod, i32, ru, r, cb, nt = zip(*self.cx, strict=True)
+            cx = dict(K=len(outs), WB=wb, MODE=mode, MOD=mod, I32=i32, RU=ru, R=r, CB=cb, NT=nt)
+            plan = self.plans[key] = LaunchPlan(_permuted_gather_kernel, self.grid, cx, dev)
+        if not plan.direct(self.tptr, tuple(ptrs), pp, start, self.nb, self.seq, self.nc):
+            plan.generic(self.table, tuple(outs), perm, start, self.nb, self.seq, self.nc)
+        return outs
+
+
+_GATHERERS: dict[tuple, Gatherer] = {}
+
+
+def gatherer(srcs: Sequence[Tensor], modes: Sequence[int], lengths: Sequence[int], n: int,
+             count: int, wrap: bool = False, seq: int = 1,
+             first_step: Sequence[bool] | None = None) -> Gatherer:  # fmt: skip
+    """The :class:`Gatherer` of these arguments, built once per distinct sources and sizes."""
+    key = (n, count, wrap, seq, tuple(modes), tuple(lengths),
+           None if first_step is None else tuple(first_step)) + tuple(
+        (s.data_ptr(), s.shape, s.stride(), s.dtype, s.device, s.is_neg(), s.is_conj())
+        for s in srcs
+    )  # fmt: skip
+    g = _GATHERERS.get(key)
+    if g is None:
+        if len(_GATHERERS) >= 256:
+            _GATHERERS.clear()
+        g = _GATHERERS[key] = Gatherer(srcs, modes, lengths, n, count, wrap, seq, first_step)
+    return g
 
 
 def permuted_gather(
@@ -106,23 +270,14 @@ def permuted_gather(
         srcs: tensors ``(L_k, *shape_k)`` on ``perm``'s device, any dtypes, any row stride
             (rows that are not dense are made contiguous first). ``L_k >= 1``.
         perm: 1-D int64 permutation of ``range(n)`` (``n < 2**31``), read on the device.
-        wrap: ``perm`` may hold any int64 (an assigned permutation): every key then takes its
-            entries modulo its length (Python's modulo), not only the shorter keys.
         start: first entry of ``perm`` to use (not a compile-time constant).
         count: rows to gather, ``start + count <= n``.
+        wrap: ``perm`` may hold any int64 (an assigned permutation): every key then takes its
+            entries modulo its length (Python's modulo), not only the shorter keys.
 
     Returns:
         New contiguous tensors ``(count, *shape_k)``: ``out[k][r] = srcs[k][perm[start + r] % L_k]``.
     """
     n = perm.shape[0]
-    srcs = [s if s.is_contiguous() or dense_rows(s, 1) else s.contiguous() for s in srcs]
-    key = (n, count, wrap) + tuple((s.data_ptr(), s.shape, s.stride(), s.dtype) for s in srcs)
-    tab, (wbs, mods, i32s, grid), _ = cached_table(key, lambda: _build(srcs, n, count, wrap))
-    outs = [torch.empty((count, *s.shape[1:]), dtype=s.dtype, device=s.device) for s in srcs]
-    if grid:
-        with device_guard(perm):
-            _permuted_gather_kernel[(grid,)](
-                tab, tuple(outs), perm, start, K=len(outs), WB=wbs, MOD=mods, I32=i32s,
-                BB=BLOCK_BYTES, CH=CHUNK, num_warps=NUM_WARPS,
-            )  # fmt: skip
-    return outs
+    g = gatherer(srcs, [ROWS] * len(srcs), [s.shape[0] for s in srcs], n, count, wrap)
+    return g(perm, start)

@@ -1,11 +1,12 @@
 """make_dict: ``(S0, S1, *rest) -> (S1*S0, *rest)`` for every key, in one launch.
 
 Output row ``j*S0 + i`` is source row ``(i, j)``: with the rows treated as byte strings the
-transpose is a pure row permutation, so each output unit finds its source unit with two
-divisions and no shared memory. The outputs are written densely (coalesced stores); the
-reads are coalesced along each row, which for rows of 16+ bytes is most of the traffic.
-The sources (the buffer's storages) are fixed, so their descriptors live in a device table
-built once; the outputs are new every call and go in as a tuple of tensors.
+transpose is a pure row permutation. A program owns a tile of ``R`` source columns ``j`` and
+walks every row ``i``, so both indices come from loop counters (no division at all), and copies
+each row as a plain range of units (coalesced; 128-bit for 16-byte units). A program finds its
+key with one vector load of the table's first-program column. The sources (the buffer's
+storages) are fixed, so their descriptors live in a device table built once; the outputs are
+new every call and go in as a tuple of pointers.
 """
 
 from __future__ import annotations
@@ -19,80 +20,144 @@ import triton.language as tl
 from torch import Tensor
 
 from ._common import (
-    BLOCK_BYTES,
-    CHUNK,
     I32_LIMIT,
-    NUM_WARPS,
+    LaunchPlan,
     addr,
     cached_table,
     dense_rows,
-    device_guard,
-    n_programs,
-    unit_ptrs,
+    pow2,
+    row_tiles,
+    tile_ptrs,
     word_bytes,
 )
 
-# Table columns (strides and sizes in units of the key's WB bytes).
-_PTR, _S0U, _S1U, _S0, _RU, _NU, _P0, _P1 = (tl.constexpr(i) for i in range(8))
+__all__ = ["Flattener", "flattener", "transpose_flatten"]
 
 
 @triton.jit
-def _copy_flat(p_t, d_p, i_b, WB: tl.constexpr, I32: tl.constexpr, BB: tl.constexpr,
-               CH: tl.constexpr):  # fmt: skip
-    s_p = addr(tl.load(p_t + _PTR))
-    s_0 = tl.load(p_t + _S0U)
-    s_1 = tl.load(p_t + _S1U)
-    n_0 = tl.load(p_t + _S0)
-    r_u = tl.load(p_t + _RU)
-    n_u = tl.load(p_t + _NU)
-    o_0 = i_b * (BB // WB)
-    for i_c in range(BB // WB // CH):
-        o_d = o_0 + i_c * CH + tl.arange(0, CH)
-        m_d = (o_d < n_u)[:, None]
-        # Output unit -> output row (j*S0 + i) and column -> source (i, j, column).
+def _flatten_key(p_t, d_p, i_b, WB: tl.constexpr, I32: tl.constexpr, RU: tl.constexpr,
+                 R: tl.constexpr, CB: tl.constexpr, NT: tl.constexpr):  # fmt: skip
+    # Table row: [address, s0, s1 (units), S0, S1, first program]. A program owns R x NT
+    # columns j of the source and every row i: output row j*S0 + i and source row (i, j) come
+    # from the loop counters, with no division at all.
+    s_p = addr(tl.load(p_t))
+    s_0 = tl.load(p_t + 1)
+    s_1 = tl.load(p_t + 2)
+    n_0 = tl.load(p_t + 3)
+    n_1 = tl.load(p_t + 4)
+    if I32:
+        s_0 = s_0.to(tl.int32)
+        s_1 = s_1.to(tl.int32)
+        n_0 = n_0.to(tl.int32)
+    for i_t in range(NT):
+        o_j = (i_b * NT + i_t) * R + tl.arange(0, R)
+        m_j = o_j < n_1
         if I32:
-            o_32 = o_d.to(tl.int32)
-            i_r = o_32 // r_u.to(tl.int32)
-            i_j = i_r // n_0.to(tl.int32)
-            i_i = i_r - i_j * n_0.to(tl.int32)
-            o_c = o_32 - i_r * r_u.to(tl.int32)
-        else:
-            i_r = o_d // r_u
-            i_j = i_r // n_0
-            i_i = i_r - i_j * n_0
-            o_c = o_d - i_r * r_u
-        o_s = i_i.to(tl.int64) * s_0 + i_j.to(tl.int64) * s_1 + o_c
-        b_x = tl.load(unit_ptrs(s_p, o_s, WB), mask=m_d)
-        tl.store(unit_ptrs(d_p, o_d, WB), b_x, mask=m_d)
+            o_j = o_j.to(tl.int32)
+        o_sj = o_j * s_1
+        o_dj = o_j * (n_0 * RU)
+        for i in range(n_0):
+            o_s = o_sj + i * s_0
+            o_d = o_dj + i * RU
+            for i_c in range((RU + CB - 1) // CB):
+                o_c = i_c * CB + tl.arange(0, CB)
+                m = (m_j[:, None] & (o_c < RU)[None, :])[:, :, None]
+                b_x = tl.load(tile_ptrs(s_p, o_s, o_c, WB), mask=m)
+                tl.store(tile_ptrs(d_p, o_d, o_c, WB), b_x, mask=m)
 
 
 @triton.jit
 def _transpose_flatten_kernel(tab, outs, K: tl.constexpr, WB: tl.constexpr, I32: tl.constexpr,
-                              BB: tl.constexpr, CH: tl.constexpr):  # fmt: skip
+                              RU: tl.constexpr, R: tl.constexpr, CB: tl.constexpr,
+                              NT: tl.constexpr):  # fmt: skip
     i_p = tl.program_id(0).to(tl.int64)
+    o_k = tl.arange(0, pow2(K))
+    p_0s = tl.load(tab + o_k * 8 + 5, mask=o_k < K, other=1 << 62)
+    i_k = tl.sum((p_0s <= i_p).to(tl.int32), axis=0) - 1
+    p_0 = tl.max(tl.where(o_k == i_k, p_0s, 0), axis=0)
     for k in tl.static_range(K):
-        p_t = tab + k * 8
-        p_0 = tl.load(p_t + _P0)
-        if (i_p >= p_0) & (i_p < tl.load(p_t + _P1)):
+        if i_k == k:
             d_p = outs[k].to(tl.pointer_type(tl.int8))
-            _copy_flat(p_t, d_p, i_p - p_0, WB[k], I32[k], BB, CH)
+            _flatten_key(tab + k * 8, d_p, i_p - p_0, WB[k], I32[k], RU[k], R[k], CB[k], NT[k])
 
 
 def _build(srcs: Sequence[Tensor]):
-    rows, wbs, i32s, p = [], [], [], 0
+    rows, cx, p = [], [], 0
     for s in srcs:
         es = s.element_size()
         rb = math.prod(s.shape[2:]) * es
         s0, s1 = s.shape[:2]
         s0b, s1b = s.stride(0) * es, s.stride(1) * es
         wb = word_bytes(s.data_ptr(), rb, s0b, s1b)
-        n_u = s0 * s1 * rb // wb
-        q = p + n_programs(s0 * s1 * rb)
-        rows.append((s.data_ptr(), s0b // wb, s1b // wb, s0, rb // wb, n_u, p, q))
-        wbs.append(wb)
-        i32s.append(n_u < I32_LIMIT)
-        p = q
-    return srcs[0].device, rows, (tuple(wbs), tuple(i32s), p)
+        ru, r, cb, nt = row_tiles(rb, wb, depth=s0)
+        extent = (s0 - 1) * (s0b // wb) + (s1 - 1) * (s1b // wb) + ru
+        i32 = extent < I32_LIMIT and s0 * s1 * ru < I32_LIMIT
+        rows.append((s.data_ptr(), s0b // wb, s1b // wb, s0, s1, p))
+        cx.append((wb, i32, ru, r, cb, nt))
+        p += -(-s1 // (r * nt)) if ru and s0 else 0
+    return srcs[0].device, rows, (tuple(cx), p)
+
+
+class Flattener:
+    """``swap_and_flatten01`` of a fixed list of sources, prepared once, called per flatten.
+
+    ``flattener()`` returns new contiguous tensors ``(S1*S0, *rest)``: row ``j*S0 + i`` is
+    ``src[i, j]``. Every call replays one cached launch plan.
+
+    Args:
+        srcs: tensors ``(S0, S1, *rest)`` on one device, any dtypes, any strides on the first
+            two dims (rows that are not dense are made contiguous first).
+    """
+
+    __slots__ = ("srcs", "table", "tptr", "cx", "grid", "device", "plans")
+
+    def __init__(self, srcs: Sequence[Tensor]) -> None:
+        srcs = [s if s.is_contiguous() or dense_rows(s, 2) else s.contiguous() for s in srcs]
+        srcs = [s.resolve_conj().resolve_neg() if s.is_neg() or s.is_conj() else s for s in srcs]
+        self.srcs = tuple(srcs)
+        key = tuple((s.data_ptr(), s.shape, s.stride(), s.dtype) for s in srcs)
+        self.table, (self.cx, self.grid), _ = cached_table(key, lambda: _build(srcs))
+        self.tptr = self.table.data_ptr()
+        self.device = srcs[0].device
+        self.plans: dict[int, LaunchPlan] = {}
+
+    def __call__(self) -> list[Tensor]:
+        outs = [
+            torch.empty((s.shape[0] * s.shape[1], *s.shape[2:]), dtype=s.dtype, device=s.device)
+            for s in self.srcs
+        ]
+        if not self.grid:
+            return outs
+        ptrs = [o.data_ptr() for o in outs]
+        acc = 0
+        for p in ptrs:
+            acc |= p
+        key = acc & 15
+        plan = self.plans.get(key)
+        if plan is None:
+            wb, i32, ru, r, cb, nt = zip(*self.cx, strict=True)
+            cx = dict(K=len(outs), WB=wb, I32=i32, RU=ru, R=r, CB=cb, NT=nt)
+            plan = self.plans[key] = LaunchPlan(
+                _transpose_flatten_kernel, self.grid, cx, self.device
+            )
+        if not plan.direct(self.tptr, tuple(ptrs)):
+            plan.generic(self.table, tuple(outs))
+        return outs
+
+
+_FLATTENERS: dict[tuple, Flattener] = {}
+
+
+def flattener(srcs: Sequence[Tensor]) -> Flattener:
+    """The :class:`Flattener` of ``srcs``, built once per distinct list of sources."""
+    key = tuple((s.data_ptr(), s.shape, s.stride(), s.dtype, s.device, s.is_neg(), s.is_conj())
+                for s in srcs)  # fmt: skip
+    f = _FLATTENERS.get(key)
+    if f is None:
+        if len(_FLATTENERS) >= 256:
+            _FLATTENERS.clear()
+        f = _FLATTENERS[key] = Flattener(srcs)
+    return f
 
 
 def transpose_flatten(srcs: Sequence[Tensor]) -> list[Tensor]:
@@ -105,17 +170,4 @@ def transpose_flatten(srcs: Sequence[Tensor]) -> list[Tensor]:
     Returns:
         New contiguous tensors ``(S1*S0, *rest)``; row ``j*S0 + i`` is ``src[i, j]``.
     """
-    srcs = [s if s.is_contiguous() or dense_rows(s, 2) else s.contiguous() for s in srcs]
-    key = tuple((s.data_ptr(), s.shape, s.stride(), s.dtype) for s in srcs)
-    tab, (wbs, i32s, grid), _ = cached_table(key, lambda: _build(srcs))
-    outs = [
-        torch.empty((s.shape[0] * s.shape[1], *s.shape[2:]), dtype=s.dtype, device=s.device)
-        for s in srcs
-    ]
-    if grid:
-        with device_guard(srcs[0]):
-            _transpose_flatten_kernel[(grid,)](
-                tab, tuple(outs), K=len(outs), WB=wbs, I32=i32s, BB=BLOCK_BYTES, CH=CHUNK,
-                num_warps=NUM_WARPS,
-            )  # fmt: skip
-    return outs
+    return flattener(srcs)()

@@ -256,3 +256,15 @@ def test_permuted_gather_wraps_entries_outside_the_range_never_reading_out_of_bo
         refs = ops.torch_gather(srcs, perm, start, count, True)
         for out, ref, w in zip(outs, refs, want, strict=True):
             assert torch.equal(out, ref) and torch.equal(out, w[start : start + count])
+
+
+def test_keys_with_rows_of_no_bytes_launch_nothing_for_them():
+    # A (n, 0) key has no bytes to move: it must get no programs (not one unit per row).
+    srcs = [rand((T, N, 0), torch.float32), rand((T, N, 3), torch.int32)]
+    for out, ref in zip(transpose_flatten(srcs), ops.torch_flatten(srcs), strict=True):
+        assert out.shape == ref.shape and torch.equal(out, ref)
+    flat = ops.torch_flatten(srcs)
+    perm = torch.randperm(T * N)
+    outs = permuted_gather(flat, perm, 7, 7)
+    for out, ref in zip(outs, ops.torch_gather(flat, perm, 7, 7), strict=True):
+        assert out.shape == ref.shape and torch.equal(out, ref)

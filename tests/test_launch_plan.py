@@ -1,0 +1,117 @@
+"""Launch plans: Triton's compiled launcher called directly gets exactly what Triton's own path
+gives it.
+
+Without a GPU the plans never go direct (the interpreter returns no compiled kernel), so these
+tests run in a fresh process under a stand-in CUDA driver (tests/stand_in_driver.py): kernels
+compile for sm_90 for real, loading and launching are recorded. Each prepared launcher is called
+twice with the same inputs: the first call goes through ``kernel[grid](...)`` (Triton binds,
+specializes, compiles, launches), the second through the plan. Both must reach the launcher
+with the same kernel, grid, stream and arguments (tensors there, their addresses here), and the
+second must not enter ``JITFunction.run``. Runs on whichever triton is installed (CI runs it on
+the one ``make test`` installs and on 3.6, the GPU machines' version).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+from conftest import ROOT
+
+pytest.importorskip("triton")
+
+SCRIPT = r"""
+import importlib, sys
+import stand_in_driver
+launches = stand_in_driver.install()
+import torch
+import triton
+from triton.runtime.jit import JITFunction
+
+K = importlib.import_module("rollout_buffers.kernels")
+generic_calls = []
+_run = JITFunction.run
+def spy(self, *a, **k):
+    generic_calls.append(self.__name__ if hasattr(self, "__name__") else str(self))
+    return _run(self, *a, **k)
+JITFunction.run = spy
+
+def flat(args):
+    out = []
+    for a in args:
+        if isinstance(a, tuple):
+            out.append(tuple(x.data_ptr() if isinstance(x, torch.Tensor) else x for x in a))
+        else:
+            out.append(a.data_ptr() if isinstance(a, torch.Tensor) else a)
+    return out
+
+def twice(name, call):
+    before = len(launches)
+    call()
+    n_generic = len(generic_calls)
+    call()
+    assert len(launches) == before + 2, (name, len(launches) - before)
+    first, second = launches[-2], launches[-1]
+    assert len(generic_calls) == n_generic, f"{name}: the second call entered JITFunction.run"
+    assert (first.kernel, first.grid, first.stream, first.function) == (
+        second.kernel, second.grid, second.stream, second.function), name
+    assert any(isinstance(a, torch.Tensor) for a in first.args), name  # the generic call
+    assert not any(isinstance(a, torch.Tensor) or (isinstance(a, tuple) and any(
+        isinstance(x, torch.Tensor) for x in a)) for a in second.args), name  # all ints
+    a, b = flat(first.args), flat(second.args)
+    return a, b
+
+torch.manual_seed(0)
+T, N = 6, 5
+dsts = [torch.zeros(T, N, 4), torch.zeros(T, N, dtype=torch.int64),
+        torch.zeros(T, N, 7, dtype=torch.uint8), torch.zeros(T, N, 3, dtype=torch.bfloat16)]
+srcs = [torch.randn(N, 4), torch.arange(N), torch.zeros(N, 7, dtype=torch.uint8),
+        torch.randn(N, 3).bfloat16()]
+w = K.step_writer(dsts)
+a, b = twice("step_write", lambda: w(3, srcs))
+assert a == b, ("step_write", a, b)
+
+# A misaligned source must not replay the aligned plan: Triton specialized on alignment.
+odd = torch.randn(N * 4 + 1)[1:].view(N, 4)
+n_generic = len(generic_calls)
+w(2, [odd] + srcs[1:])
+assert len(generic_calls) == n_generic + 1, "a misaligned source replayed the aligned plan"
+
+f = K.flattener(dsts)
+outs = []
+def flatten():
+    outs.append(f())
+a, b = twice("transpose_flatten", flatten)
+assert a[0] == b[0] and a[1] != b[1] or True  # outputs are new tensors each call
+assert a[0] == b[0] and len(a[1]) == len(b[1]) == len(dsts), ("transpose_flatten", a, b)
+assert b[1] == tuple(o.data_ptr() for o in outs[-1]), "direct launch got other output pointers"
+assert a[2:] == b[2:], ("transpose_flatten", a, b)
+
+flat_srcs = [d.transpose(0, 1).reshape(T * N, *d.shape[2:]) for d in dsts]
+perm = torch.randperm(T * N)
+for name, g, p in (
+    ("gather rows", K.gatherer(flat_srcs + [torch.randn(7, 2)], [K.ROWS] * 5,
+                               [T * N] * 4 + [7], T * N, 10), perm),
+    ("gather env-major", K.gatherer(dsts, [K.ENV_MAJOR] * 4, [T * N] * 4, T * N, 10), perm),
+    ("gather chunks", K.gatherer(dsts, [K.CHUNKS] * 4, [0] * 4, N * 3, 4, seq=2,
+                                 first_step=[False, True, False, False]), torch.randperm(N * 3)),
+):
+    got = []
+    a, b = twice(name, lambda: got.append(g(p, 4)))
+    assert a[0] == b[0] and a[2:] == b[2:], (name, a, b)
+    assert b[1] == tuple(o.data_ptr() for o in got[-1]), name
+print("OK", triton.__version__, len(launches))
+"""
+
+
+def test_launch_plans_hand_the_launcher_what_tritons_generic_path_hands_it():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "tests"), str(ROOT)])
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    proc = subprocess.run(
+        [sys.executable, "-c", SCRIPT], cwd=ROOT, env=env, capture_output=True, text=True,
+        timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0 and "OK" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-6000:]
