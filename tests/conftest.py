@@ -17,6 +17,19 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# ...and import triton and the kernels now, under that setting. Triton decorates its own library
+# functions (tl.zeros, tl.sum) when it is first imported, in the mode TRITON_INTERPRET names at
+# that moment: a test that switches the interpreter off (monkeypatch.setenv) and happens to be
+# the first to import triton would leave every later interpreted kernel in the process broken
+# ("Cannot call @triton.jit'd outside of the scope of a kernel"). Importing here makes the mode
+# independent of test order.
+try:
+    import rollout_buffers.kernels  # noqa: F401  (imports triton first)
+    import rollout_buffers.kernels.gae  # noqa: F401
+    import triton  # noqa: F401
+except ImportError:  # no triton here: the kernel tests skip themselves
+    pass
+
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
