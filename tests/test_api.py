@@ -858,5 +858,11 @@ def test_triton_backend_on_cpu_without_interpreter_is_a_clear_error(restore_back
     with pytest.raises(BackendUnavailableError, match=pattern):
         buffer.update_data("obs", 0, torch.ones(2))
     with pytest.raises(BackendUnavailableError, match=pattern):
+        buffer.update_step(0, {"obs": torch.ones(2)})
+    with pytest.raises(BackendUnavailableError, match=pattern):
+        buffer.get_dict()
+    with pytest.raises(BackendUnavailableError, match=pattern):
         dataset[0]
+    with pytest.raises(BackendUnavailableError, match=pattern):
+        rollout_buffers.compute_gae(*[torch.zeros(3, 2)] * 4, 0.99, 0.95)
     assert not buffer.obs.any() and buffer.store_dict == {"obs": 0}

@@ -159,6 +159,67 @@ def test_auto_backend_routes_cpu_tensors_to_pytorch(monkeypatch):
         assert DictDataset(3, data)[1]["obs"].shape == (3,)
 
 
+def test_triton_backend_runs_the_kernels_on_every_hot_path(kernel_calls):
+    """The mirror of the test above: under 'triton' every hot path reaches the kernels. Were
+    use_triton to say no for CPU tensors under the interpreter, everything would fall back to
+    PyTorch, and every other test, the whole API suite on backend triton included, would pass."""
+    device = _kernel_device()
+    T, N = 2, 3
+    g = torch.Generator().manual_seed(0)
+    obs, rew = torch.randn(T, N, 2, generator=g), torch.randn(T, N, generator=g)
+    value, next_value = torch.randn(T, N, 2, generator=g), torch.randn(T, N, 2, generator=g)
+    dones = torch.rand(T, N, generator=g) < 0.3
+    with use_backend("torch"):  # the reference results, before the spy starts counting
+        want_gae = rollout_buffers.compute_gae(rew, value, next_value, dones, 0.99, 0.95)
+    kernel_calls.clear()
+    with use_backend("triton"):
+        buf = ExperienceBuffer(N, T, device=device)
+        for key, shape in (("obs", (2,)), ("rewards", ()), ("value", (2,))):
+            buf.register_key(key, shape)
+        for key in ("next_value", "advantages", "returns"):
+            buf.register_key(key, (2,))
+        buf.register_key("dones", dtype=torch.bool)
+
+        buf.update_step(0, {"obs": obs[0].to(device), "rewards": rew[0].to(device)})
+        assert kernel_calls == ["step_write"], "update_step"
+        kernel_calls.clear()
+        buf.update_data("obs", 1, obs[1].to(device))
+        buf.update_data("rewards", step=1, data=rew[1].to(device))
+        assert kernel_calls == ["step_write", "step_write"], "update_data"
+        assert torch.equal(buf.obs.cpu(), obs) and torch.equal(buf.rewards.cpu(), rew)
+        for key, data in (("value", value), ("next_value", next_value), ("dones", dones)):
+            buf.batch_update_data(key, data.to(device))
+
+        kernel_calls.clear()
+        got_gae = rollout_buffers.compute_gae(
+            *(x.to(device) for x in (rew, value, next_value, dones)), 0.99, 0.95
+        )
+        assert kernel_calls == ["gae"], "compute_gae"
+        kernel_calls.clear()
+        buf.compute_gae(0.99, 0.95)
+        assert kernel_calls == ["gae"], "ExperienceBuffer.compute_gae"
+        for got in (got_gae, (buf.advantages, buf.returns)):
+            for x, want in zip(got, want_gae, strict=True):
+                torch.testing.assert_close(x.cpu(), want, rtol=1e-5, atol=1e-6)
+
+        kernel_calls.clear()
+        view = {k: v.cpu() for k, v in buf.get_dict().items()}  # read: values may be lazy
+        assert kernel_calls and set(kernel_calls) == {"transpose_flatten"}, "get_dict"
+        kernel_calls.clear()
+        data = {k: v.cpu() for k, v in buf.make_dict().items()}
+        assert kernel_calls and set(kernel_calls) == {"transpose_flatten"}, "make_dict"
+        for out in (view, data):
+            assert torch.equal(out["obs"], obs.transpose(0, 1).reshape(N * T, 2))
+            assert torch.equal(out["rewards"], rew.t().reshape(N * T))
+
+        x = torch.arange(6, device=device) * 10
+        dataset = DictDataset(3, {"x": x, "short": x[:4]})
+        kernel_calls.clear()
+        batch = dataset[1]
+        assert kernel_calls == ["permuted_gather"], "dataset[i]"
+        assert batch["x"].tolist() == [30, 40, 50] and batch["short"].tolist() == [30, 0, 10]
+
+
 def test_swap_and_flatten01_keeps_autograd_for_inputs_that_require_grad():
     x = torch.randn(2, 3, requires_grad=True)
     y = swap_and_flatten01(x)
