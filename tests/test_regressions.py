@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import copy
+import os
+import subprocess
+import sys
+import textwrap
 from collections.abc import Iterator, Mapping
 
 import numpy as np
@@ -218,6 +222,59 @@ def test_triton_backend_runs_the_kernels_on_every_hot_path(kernel_calls):
         batch = dataset[1]
         assert kernel_calls == ["permuted_gather"], "dataset[i]"
         assert batch["x"].tolist() == [30, 40, 50] and batch["short"].tolist() == [30, 0, 10]
+
+
+def test_a_machine_without_triton_runs_auto_on_pytorch_and_refuses_triton_clearly():
+    """``import triton`` fails (``sys.modules['triton'] = None``, in a fresh process): backend
+    'auto' runs everything on PyTorch; 'triton' raises BackendUnavailableError saying why,
+    never a bare ModuleNotFoundError from deep inside."""
+    code = textwrap.dedent(
+        """
+        import sys
+        sys.modules["triton"] = None
+        import torch
+        import rollout_buffers as rb
+
+        def run_all():
+            buf = rb.ExperienceBuffer(3, 2, device="cpu")
+            for key in ("obs", "rewards", "value", "next_value", "dones", "advantages",
+                        "returns"):
+                buf.register_key(key)
+            yield "update_step", lambda: buf.update_step(0, {"obs": torch.ones(3)})
+            yield "update_data", lambda: buf.update_data("obs", 1, torch.full((3,), 2.0))
+            for key in ("rewards", "value", "next_value", "dones"):
+                buf.batch_update_data(key, torch.ones(2, 3))
+            yield "compute_gae", lambda: buf.compute_gae(0.99, 0.95)
+            yield "get_dict", lambda: buf.get_dict()["obs"].tolist()
+            yield "swap_and_flatten01", lambda: rb.swap_and_flatten01(torch.ones(2, 3))
+            ds = rb.DictDataset(3, {"x": torch.arange(6)})
+            yield "dataset[i]", lambda: ds[1]["x"].tolist()
+
+        with rb.use_backend("auto"):
+            results = {name: call() for name, call in run_all()}
+        assert results["get_dict"] == [1.0, 2.0] * 3, results
+        assert results["dataset[i]"] == [3, 4, 5], results
+        with rb.use_backend("triton"):
+            for name, call in run_all():
+                try:
+                    call()
+                except rb.BackendUnavailableError as exc:
+                    assert "import triton" in str(exc), (name, str(exc))
+                    print("refused", name)
+                else:
+                    raise AssertionError(f"{name} ran with backend 'triton' and no triton")
+        assert "triton" not in [m.split(".")[0] for m in sys.modules if sys.modules[m]]
+        print("ok")
+        """
+    )
+    env = {**os.environ, "TRITON_INTERPRET": "1", "ROLLOUT_BUFFERS_BACKEND": "auto"}
+    proc = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.split()
+    assert lines[-1] == "ok", proc.stdout
+    assert proc.stdout.count("refused") == 6, proc.stdout
 
 
 def test_swap_and_flatten01_keeps_autograd_for_inputs_that_require_grad():
