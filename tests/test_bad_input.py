@@ -200,6 +200,8 @@ REGISTER_CASES = [
         "x", (), "float32", RolloutTypeError, ["x", "'float32'", "torch.dtype"], id="string-dtype"
     ),
     pytest.param("x", (), 3, RolloutTypeError, ["x", "3", "torch.dtype"], id="int-dtype"),
+    # torch.empty(0, dtype=None) is float32: None must not slip through as "the default"
+    pytest.param("x", (), None, RolloutTypeError, ["x", "None", "torch.dtype"], id="none-dtype"),
 ]
 
 
@@ -452,6 +454,48 @@ def test_batch_update_data_rejects_an_unknown_key(buffer, key):
 
 
 # ---------------------------------------------------------------------------------------------
+# A key that is not a string, hashable or not, on every entry point that takes a key
+# ---------------------------------------------------------------------------------------------
+
+
+class _Pairs:
+    """A TensorDict-like argument (``items()``, no hashing of its keys): what update_step takes
+    beyond dicts, and the only way an unhashable key reaches it."""
+
+    def __init__(self, pairs):
+        self._pairs = list(pairs)
+
+    def items(self):
+        return iter(self._pairs)
+
+
+NON_STRING_KEYS = [3, None, b"obs", ["obs"], {"obs": 1}]
+
+
+@pytest.mark.parametrize("key", NON_STRING_KEYS, ids=repr)
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda buf, key: buf.register_key(key),
+        lambda buf, key: buf.update_data(key, 0, good_row("obs")),
+        lambda buf, key: buf.update_step(0, _Pairs([("rew", good_row("rew")), (key, 0.0)])),
+        lambda buf, key: buf.batch_update_data(key, torch.zeros(T, N, 2)),
+    ],
+    ids=["register_key", "update_data", "update_step", "batch_update_data"],
+)
+def test_a_non_string_key_gets_our_key_error_saying_keys_are_strings(buffer, call, key):
+    # Unhashable keys (a list, a dict) included: a dict lookup would raise a bare TypeError.
+    snap = snapshot(buffer)
+    with pytest.raises(RolloutKeyError) as info:
+        call(buffer, key)
+    message = str(info.value)
+    for part in (repr(key), "keys are strings", f"received {type(key).__name__}"):
+        assert part in message, f"{part!r} not in {message!r}"
+    assert isinstance(info.value, AssertionError) and isinstance(info.value, KeyError)
+    assert_unchanged(buffer, snap)
+
+
+# ---------------------------------------------------------------------------------------------
 # make_dict
 # ---------------------------------------------------------------------------------------------
 
@@ -621,6 +665,21 @@ def test_dataset_constructor_rejects_a_generator_on_another_device():
         with pytest.raises(RolloutValueError) as info:
             DictDataset(2, _data(), generator=torch.Generator(device="cuda"))
         assert_error(info, RolloutValueError, ["generator", "cuda", "cpu"])
+
+
+@pytest.mark.parametrize(
+    "value", ["abc", None, object(), ["a"], {"a": 1}], ids=["str", "none", "object", "list", "dict"]
+)
+def test_an_unconvertible_permutation_assigned_to_the_dataset_gets_our_type_error(value):
+    ds = DictDataset(2, _data())
+    ds.shuffled_to_original = value
+    with pytest.raises(RolloutTypeError) as info:
+        ds[0]
+    message = str(info.value)
+    for part in ("shuffled_to_original", "1-D integer", type(value).__name__):
+        assert part in message, f"{part!r} not in {message!r}"
+    ds.shuffled_to_original = torch.arange(12)  # a good one afterwards works
+    assert torch.equal(ds[1]["act"], torch.tensor([2, 3]))
 
 
 def test_dataset_accepts_any_hashable_key_like_the_original():

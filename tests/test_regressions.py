@@ -88,6 +88,44 @@ def test_update_step_counts_keys_not_len_of_the_mapping():
         buf.update_step(0, _BatchSizedMapping({}))
 
 
+class _TensorDictLike:
+    """What DictDataset must take from a TensorDict with batch_size=[]: not a
+    collections.abc.Mapping, but items() / keys() / values() / [key], and a len() that is its
+    batch size (0), not its number of keys."""
+
+    def __init__(self, data: dict):
+        self._data = data
+
+    def items(self):
+        return self._data.items()
+
+    def keys(self):
+        return self._data.keys()
+
+    def values(self):
+        return self._data.values()
+
+    def __getitem__(self, key):
+        return self._data[key]
+
+    def __iter__(self) -> Iterator:
+        return iter(self._data)
+
+    def __len__(self) -> int:
+        return 0
+
+
+@pytest.mark.parametrize("kind", [_TensorDictLike, _BatchSizedMapping])
+def test_dataset_accepts_a_mapping_whose_len_is_not_its_key_count(kind):
+    assert (kind is _BatchSizedMapping) == isinstance(kind({}), Mapping)
+    dataset = DictDataset(2, kind({"x": torch.arange(6) * 10, "y": torch.arange(3)}))
+    assert len(dataset) == 3 and dataset.num_tensors == 6
+    batch = dataset[2]
+    assert batch["x"].tolist() == [40, 50] and batch["y"].tolist() == [1, 2]
+    with pytest.raises(RolloutValueError, match="empty"):
+        DictDataset(2, kind({}))
+
+
 def test_default_device_is_the_current_cuda_device_when_cuda_is_available(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
