@@ -315,6 +315,58 @@ def test_a_machine_without_triton_runs_auto_on_pytorch_and_refuses_triton_clearl
     assert proc.stdout.count("refused") == 6, proc.stdout
 
 
+def _backend_device(name: str, request) -> tuple[str, list | None]:
+    """The device for backend ``name``, and for 'triton' the kernel spy's record: a test checks
+    the kernels ran (a silent fallback to PyTorch would pass for them)."""
+    if name == "torch":
+        return "cpu", None
+    device = _kernel_device()
+    return device, request.getfixturevalue("kernel_calls")
+
+
+@pytest.mark.parametrize("name", ["torch", "triton"])
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.float32, torch.int64], ids=str)
+def test_step_sources_sliced_from_a_larger_tensor_at_two_envs(name, dtype, request):
+    """A source with dense rows but a row stride wider than the row, at exactly 2 envs (the
+    layout tests use 7): the kernel must step by the source's stride, not read it flat."""
+    device, calls = _backend_device(name, request)
+    g = torch.Generator().manual_seed(5)
+    wide = torch.randint(0, 100, (2, 2, 6), generator=g).to(dtype)  # (step, env, 6)
+    vec = [wide[s, :, 1:4] for s in range(2)]  # (2, 3), row stride 6
+    scalar = [wide[s, :, 5] for s in range(2)]  # (2,), stride 6
+    assert not vec[0].is_contiguous() and not scalar[0].is_contiguous()
+    with use_backend(name):
+        buf = ExperienceBuffer(2, 2, device=device)
+        buf.register_key("vec", (3,), dtype)
+        buf.register_key("scalar", (), dtype)
+        buf.update_step(0, {"vec": vec[0].to(device), "scalar": scalar[0].to(device)})
+        buf.update_data("vec", 1, vec[1].to(device))
+        buf.update_data("scalar", 1, scalar[1].to(device))
+    assert torch.equal(buf.vec.cpu(), torch.stack(vec))
+    assert torch.equal(buf.scalar.cpu(), torch.stack(scalar))
+    assert calls is None or calls == ["step_write"] * 3
+
+
+@pytest.mark.parametrize("name", ["torch", "triton"])
+def test_a_gather_source_whose_rows_are_not_dense_gives_the_right_columns(name, request):
+    device, calls = _backend_device(name, request)
+    x = (torch.arange(6 * 8).reshape(6, 8)).to(device)
+    y = torch.arange(4 * 2 * 6, dtype=torch.float32).reshape(4, 2, 6).to(device)
+    srcs = {"x": x[:, ::2], "short": x[:4, 1::3], "y": y[:, :, ::3]}  # rows not dense
+    assert not any(v.is_contiguous() for v in srcs.values())
+    perm = torch.tensor([4, 1, 5, 0, 3, 2])
+    with use_backend(name):
+        dataset = DictDataset(3, srcs)
+        dataset.shuffled_to_original = perm
+        for i in range(2):
+            rows = perm[3 * i : 3 * i + 3]
+            batch = dataset[i]
+            for key, src in srcs.items():
+                want = src.cpu()[rows % src.shape[0]]
+                assert torch.equal(batch[key].cpu(), want), (key, i)
+    assert calls is None or calls == ["permuted_gather"] * 2
+
+
 def test_swap_and_flatten01_keeps_autograd_for_inputs_that_require_grad():
     x = torch.randn(2, 3, requires_grad=True)
     y = swap_and_flatten01(x)
