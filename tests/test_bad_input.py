@@ -500,6 +500,27 @@ def test_a_non_string_key_gets_our_key_error_saying_keys_are_strings(buffer, cal
 # ---------------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize(
+    "written, shown, count",
+    [
+        ([], "steps [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, ...]", "(17 of 17)"),
+        ([0], "steps [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16]", "(16 of 17)"),
+        ([0, 16], "steps [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15]", "(15 of 17)"),
+    ],
+    ids=["17-missing", "16-missing", "15-missing"],
+)
+def test_make_dict_lists_at_most_16_missing_steps_then_their_count(written, shown, count):
+    buf = ExperienceBuffer(2, 17, device="cpu")
+    buf.register_key("obs")
+    for step in written:
+        buf.update_data("obs", step, torch.ones(2))
+    with pytest.raises(RolloutValueError) as info:
+        buf.make_dict()
+    message = str(info.value)
+    assert message.startswith("Problem with 'obs'")
+    assert f"{shown} {count}" in message, message
+
+
 def test_make_dict_with_missing_steps_names_key_and_steps_and_resets_nothing(buffer):
     snap = snapshot(buffer)
     with pytest.raises(RolloutValueError) as info:
@@ -618,6 +639,25 @@ DATASET_CASES = [
     ),
     pytest.param(
         lambda: (24, _data()), RolloutValueError, ["24", "12"], id="batch-size-larger-than-data"
+    ),
+    # The hint names the two divisors of 12 nearest to the batch size, in increasing order.
+    pytest.param(
+        lambda: (5, _data()),
+        RolloutValueError,
+        ["12 5", "the length of 'obs'", "(nearest: 4, 6)"],
+        id="nearest-divisors-either-side",
+    ),
+    pytest.param(
+        lambda: (10, _data()),
+        RolloutValueError,
+        ["12 10", "(nearest: 6, 12)"],
+        id="nearest-divisors-in-order",
+    ),
+    pytest.param(
+        lambda: (7, {"a": torch.zeros(9), "b": torch.zeros(16)}),
+        RolloutValueError,
+        ["16 7", "the length of 'b'", "(nearest: 4, 8)"],
+        id="nearest-divisors-longest-key-last",
     ),
 ]
 
