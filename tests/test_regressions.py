@@ -12,6 +12,7 @@ from collections.abc import Iterator, Mapping
 import numpy as np
 import pytest
 import torch
+from conftest import ROOT
 
 import rollout_buffers
 from rollout_buffers import (
@@ -430,6 +431,28 @@ def test_gae_kernel_with_returns_written_over_values_and_shifted_next_values():
         results[name] = (adv.cpu(), series.cpu())
     for got, want in zip(results["triton"], results["torch"]):  # (adv, ret written over values)
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_a_test_that_switches_the_interpreter_off_leaves_later_kernels_working():
+    """Order independence. Run on their own, a test that sets TRITON_INTERPRET=0 and then an
+    interpreted kernel test: if the first were also the first to import triton, triton would
+    load for compiling and the second would fail. The full suite hid this (other test modules
+    import triton first), so this runs the pair as a pytest session of its own."""
+    if _kernel_device() != "cpu":
+        pytest.skip("the kernels compile for CUDA here: no interpreter to switch off")
+    tests = [
+        "tests/test_api.py::test_triton_backend_on_cpu_without_interpreter_is_a_clear_error",
+        "tests/test_regressions.py::"
+        "test_gae_kernel_with_returns_written_over_values_and_shifted_next_values",
+    ]
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *tests],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0 and "2 passed" in proc.stdout, proc.stdout[-3000:]
 
 
 def test_an_assigned_permutation_is_adopted_or_refused_before_any_gather():
