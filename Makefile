@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 # Triton 3.9 warns on every compile unless this is set; 1 keeps its current default (fusion on).
 export TRITON_DEFAULT_FP_FUSION ?= 1
 
-.PHONY: setup test test-api-triton aot demo bench bench-micro bench-gae fuzz lint clean
+.PHONY: setup test test-random test-api-triton aot demo bench bench-micro bench-gae fuzz lint clean
 
 setup: $(VENV)/.installed
 
@@ -23,6 +23,11 @@ test: setup
 	$(PY) -m pytest -q
 	$(MAKE) --no-print-directory test-api-triton
 	$(MAKE) --no-print-directory aot
+
+# The whole pytest suite in a random global order, to catch tests that depend on each other.
+# SEED=n replays an order (the seed used is printed in the header, "--random-order-seed=").
+test-random: setup
+	$(PY) -m pytest -p random_order --random-order-bucket=global $(if $(SEED),--random-order-seed=$(SEED))
 
 # The public API suite a second time, on the Triton kernels under Triton's CPU interpreter
 # (CPU tensors only: CUDA hidden, since interpreted kernels cannot read device memory).

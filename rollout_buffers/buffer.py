@@ -469,8 +469,10 @@ class ExperienceBuffer(nn.Module):
         return dict(zip(keys, ops.flatten([self._spec(k).tensor for k in keys])))
 
     def extra_repr(self) -> str:
+        # The module's buffers, not the cached specs: those rebuild lazily after .to()/.half().
         keys = ", ".join(
-            f"{k}: {tuple(s.tensor.shape[2:])} {s.dtype}" for k, s in self._specs.items()
+            f"{k}: None" if t is None else f"{k}: {tuple(t.shape[2:])} {t.dtype}"
+            for k, t in ((k, self._buffers.get(k)) for k in self._specs)
         )
         return f"num_envs={self.num_envs}, num_steps={self.num_steps}, device={self._device}, keys=[{keys}]"
 

@@ -50,10 +50,6 @@ class DictDataset(Dataset):
             raise RolloutTypeError(
                 f"DictDataset: tensor_dict must be a mapping of key -> tensor, received {type(tensor_dict).__name__}"
             )
-        if len(tensor_dict) == 0:
-            raise RolloutValueError(
-                "DictDataset: tensor_dict is empty; pass at least one key -> tensor"
-            )
         device = None
         lengths: dict[str, int] = {}
         for key, value in tensor_dict.items():
@@ -79,6 +75,10 @@ class DictDataset(Dataset):
                     f"'{key}' is on {value.device}"
                 )
             lengths[key] = value.shape[0]
+        if not lengths:  # not len(tensor_dict): a TensorDict's len() is its batch size
+            raise RolloutValueError(
+                "DictDataset: tensor_dict is empty; pass at least one key -> tensor"
+            )
         batch_size = _positive_int("DictDataset: batch_size", batch_size)
         num_tensors = max(lengths.values())
         if num_tensors % batch_size:

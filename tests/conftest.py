@@ -3,6 +3,7 @@ profiles, and the dtypes of the contract."""
 
 from __future__ import annotations
 
+import importlib
 import os
 import sys
 from pathlib import Path
@@ -16,6 +17,19 @@ import torch
 # it stays unset and the kernels compile for real.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# ...and import triton and the kernels now, under that setting. Triton decorates its own library
+# functions (tl.zeros, tl.sum) when it is first imported, in the mode TRITON_INTERPRET names at
+# that moment: a test that switches the interpreter off (monkeypatch.setenv) and happens to be
+# the first to import triton would leave every later interpreted kernel in the process broken
+# ("Cannot call @triton.jit'd outside of the scope of a kernel"). Importing here makes the mode
+# independent of test order.
+try:
+    import rollout_buffers.kernels  # noqa: F401  (imports triton first)
+    import rollout_buffers.kernels.gae  # noqa: F401
+    import triton  # noqa: F401
+except ImportError:  # no triton here: the kernel tests skip themselves
+    pass
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -94,3 +108,37 @@ def interpreted_kernels():
             "Triton's interpreter is off (a CUDA machine): tests/test_gpu.py covers the kernels"
         )
     yield
+
+
+#: The kernel launchers a spy wraps: (module, attribute). The library reaches every kernel
+#: through one of these, looked up on the module at call time, so replacing the attribute is
+#: seen by every hot path. If the launchers move, change this table, nothing else.
+KERNEL_LAUNCHERS = (
+    ("rollout_buffers.kernels", "step_write"),
+    ("rollout_buffers.kernels", "transpose_flatten"),
+    ("rollout_buffers.kernels", "permuted_gather"),
+    ("rollout_buffers.kernels.gae", "gae"),
+)
+
+
+@pytest.fixture
+def kernel_calls(monkeypatch):
+    """A list that records, in order, the name of every kernel launcher called during the test.
+
+    Each launcher of :data:`KERNEL_LAUNCHERS` is wrapped (the real one still runs), so a test
+    can tell whether a call reached the Triton kernels or silently fell back to PyTorch. Call
+    ``kernel_calls.clear()`` between the operations to check them one at a time. Skips where
+    triton does not import.
+    """
+    pytest.importorskip("triton")
+    calls: list[str] = []
+    for module_name, name in KERNEL_LAUNCHERS:
+        module = importlib.import_module(module_name)
+        real = getattr(module, name)
+
+        def spy(*args, _real=real, _name=name, **kwargs):
+            calls.append(_name)
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(module, name, spy)
+    return calls

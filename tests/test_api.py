@@ -577,6 +577,36 @@ def test_get_dict_neither_checks_nor_resets():
         assert_bits_equal(out[key], full[key])
 
 
+def test_make_dict_and_get_dict_of_a_buffer_without_keys_are_empty_dicts():
+    buffer = ExperienceBuffer(2, 3, device=CPU)
+    view = buffer.get_dict()
+    assert isinstance(view, dict) and dict(view) == {}
+    out = buffer.make_dict()
+    assert isinstance(out, dict) and dict(out) == {}
+
+
+def test_repr_names_sizes_device_and_every_keys_shape_and_dtype():
+    buffer = ExperienceBuffer(num_envs=5, num_steps=3, device=CPU)
+    buffer.register_key("obs", shape=(4, 2))
+    buffer.register_key("done", dtype=torch.bool)
+    buffer.register_key("rew")
+    text = repr(buffer)
+    assert text.startswith("ExperienceBuffer(")
+    for part in (
+        "num_envs=5",
+        "num_steps=3",
+        "device=cpu",
+        "obs: (4, 2) torch.float32",
+        "done: () torch.bool",
+        "rew: () torch.float32",
+    ):
+        assert part in text, f"{part!r} not in {text!r}"
+    buffer.double()  # the repr follows a cast (float keys only), as the buffers do
+    text = repr(buffer)
+    for part in ("obs: (4, 2) torch.float64", "done: () torch.bool", "rew: () torch.float64"):
+        assert part in text, f"{part!r} not in {text!r}"
+
+
 # ---------------------------------------------------------------------------------------------
 # DictDataset
 # ---------------------------------------------------------------------------------------------
@@ -858,5 +888,11 @@ def test_triton_backend_on_cpu_without_interpreter_is_a_clear_error(restore_back
     with pytest.raises(BackendUnavailableError, match=pattern):
         buffer.update_data("obs", 0, torch.ones(2))
     with pytest.raises(BackendUnavailableError, match=pattern):
+        buffer.update_step(0, {"obs": torch.ones(2)})
+    with pytest.raises(BackendUnavailableError, match=pattern):
+        buffer.get_dict()
+    with pytest.raises(BackendUnavailableError, match=pattern):
         dataset[0]
+    with pytest.raises(BackendUnavailableError, match=pattern):
+        rollout_buffers.compute_gae(*[torch.zeros(3, 2)] * 4, 0.99, 0.95)
     assert not buffer.obs.any() and buffer.store_dict == {"obs": 0}

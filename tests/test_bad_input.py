@@ -200,6 +200,8 @@ REGISTER_CASES = [
         "x", (), "float32", RolloutTypeError, ["x", "'float32'", "torch.dtype"], id="string-dtype"
     ),
     pytest.param("x", (), 3, RolloutTypeError, ["x", "3", "torch.dtype"], id="int-dtype"),
+    # torch.empty(0, dtype=None) is float32: None must not slip through as "the default"
+    pytest.param("x", (), None, RolloutTypeError, ["x", "None", "torch.dtype"], id="none-dtype"),
 ]
 
 
@@ -452,8 +454,71 @@ def test_batch_update_data_rejects_an_unknown_key(buffer, key):
 
 
 # ---------------------------------------------------------------------------------------------
+# A key that is not a string, hashable or not, on every entry point that takes a key
+# ---------------------------------------------------------------------------------------------
+
+
+class _Pairs:
+    """A TensorDict-like argument (``items()``, no hashing of its keys): what update_step takes
+    beyond dicts, and the only way an unhashable key reaches it."""
+
+    def __init__(self, pairs):
+        self._pairs = list(pairs)
+
+    def items(self):
+        return iter(self._pairs)
+
+
+NON_STRING_KEYS = [3, None, b"obs", ["obs"], {"obs": 1}]
+
+
+@pytest.mark.parametrize("key", NON_STRING_KEYS, ids=repr)
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda buf, key: buf.register_key(key),
+        lambda buf, key: buf.update_data(key, 0, good_row("obs")),
+        lambda buf, key: buf.update_step(0, _Pairs([("rew", good_row("rew")), (key, 0.0)])),
+        lambda buf, key: buf.batch_update_data(key, torch.zeros(T, N, 2)),
+    ],
+    ids=["register_key", "update_data", "update_step", "batch_update_data"],
+)
+def test_a_non_string_key_gets_our_key_error_saying_keys_are_strings(buffer, call, key):
+    # Unhashable keys (a list, a dict) included: a dict lookup would raise a bare TypeError.
+    snap = snapshot(buffer)
+    with pytest.raises(RolloutKeyError) as info:
+        call(buffer, key)
+    message = str(info.value)
+    for part in (repr(key), "keys are strings", f"received {type(key).__name__}"):
+        assert part in message, f"{part!r} not in {message!r}"
+    assert isinstance(info.value, AssertionError) and isinstance(info.value, KeyError)
+    assert_unchanged(buffer, snap)
+
+
+# ---------------------------------------------------------------------------------------------
 # make_dict
 # ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "written, shown, count",
+    [
+        ([], "steps [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, ...]", "(17 of 17)"),
+        ([0], "steps [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16]", "(16 of 17)"),
+        ([0, 16], "steps [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15]", "(15 of 17)"),
+    ],
+    ids=["17-missing", "16-missing", "15-missing"],
+)
+def test_make_dict_lists_at_most_16_missing_steps_then_their_count(written, shown, count):
+    buf = ExperienceBuffer(2, 17, device="cpu")
+    buf.register_key("obs")
+    for step in written:
+        buf.update_data("obs", step, torch.ones(2))
+    with pytest.raises(RolloutValueError) as info:
+        buf.make_dict()
+    message = str(info.value)
+    assert message.startswith("Problem with 'obs'")
+    assert f"{shown} {count}" in message, message
 
 
 def test_make_dict_with_missing_steps_names_key_and_steps_and_resets_nothing(buffer):
@@ -575,6 +640,25 @@ DATASET_CASES = [
     pytest.param(
         lambda: (24, _data()), RolloutValueError, ["24", "12"], id="batch-size-larger-than-data"
     ),
+    # The hint names the two divisors of 12 nearest to the batch size, in increasing order.
+    pytest.param(
+        lambda: (5, _data()),
+        RolloutValueError,
+        ["12 5", "the length of 'obs'", "(nearest: 4, 6)"],
+        id="nearest-divisors-either-side",
+    ),
+    pytest.param(
+        lambda: (10, _data()),
+        RolloutValueError,
+        ["12 10", "(nearest: 6, 12)"],
+        id="nearest-divisors-in-order",
+    ),
+    pytest.param(
+        lambda: (7, {"a": torch.zeros(9), "b": torch.zeros(16)}),
+        RolloutValueError,
+        ["16 7", "the length of 'b'", "(nearest: 4, 8)"],
+        id="nearest-divisors-longest-key-last",
+    ),
 ]
 
 
@@ -621,6 +705,21 @@ def test_dataset_constructor_rejects_a_generator_on_another_device():
         with pytest.raises(RolloutValueError) as info:
             DictDataset(2, _data(), generator=torch.Generator(device="cuda"))
         assert_error(info, RolloutValueError, ["generator", "cuda", "cpu"])
+
+
+@pytest.mark.parametrize(
+    "value", ["abc", None, object(), ["a"], {"a": 1}], ids=["str", "none", "object", "list", "dict"]
+)
+def test_an_unconvertible_permutation_assigned_to_the_dataset_gets_our_type_error(value):
+    ds = DictDataset(2, _data())
+    ds.shuffled_to_original = value
+    with pytest.raises(RolloutTypeError) as info:
+        ds[0]
+    message = str(info.value)
+    for part in ("shuffled_to_original", "1-D integer", type(value).__name__):
+        assert part in message, f"{part!r} not in {message!r}"
+    ds.shuffled_to_original = torch.arange(12)  # a good one afterwards works
+    assert torch.equal(ds[1]["act"], torch.tensor([2, 3]))
 
 
 def test_dataset_accepts_any_hashable_key_like_the_original():

@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import copy
+import os
+import subprocess
+import sys
+import textwrap
 from collections.abc import Iterator, Mapping
 
 import numpy as np
 import pytest
 import torch
+from conftest import ROOT
 
 import rollout_buffers
 from rollout_buffers import (
@@ -82,6 +87,44 @@ def test_update_step_counts_keys_not_len_of_the_mapping():
     assert torch.equal(buf.obs[1], torch.ones(3, 2)) and buf.store_dict["obs"] == 2
     with pytest.raises(RolloutValueError, match="empty"):
         buf.update_step(0, _BatchSizedMapping({}))
+
+
+class _TensorDictLike:
+    """What DictDataset must take from a TensorDict with batch_size=[]: not a
+    collections.abc.Mapping, but items() / keys() / values() / [key], and a len() that is its
+    batch size (0), not its number of keys."""
+
+    def __init__(self, data: dict):
+        self._data = data
+
+    def items(self):
+        return self._data.items()
+
+    def keys(self):
+        return self._data.keys()
+
+    def values(self):
+        return self._data.values()
+
+    def __getitem__(self, key):
+        return self._data[key]
+
+    def __iter__(self) -> Iterator:
+        return iter(self._data)
+
+    def __len__(self) -> int:
+        return 0
+
+
+@pytest.mark.parametrize("kind", [_TensorDictLike, _BatchSizedMapping])
+def test_dataset_accepts_a_mapping_whose_len_is_not_its_key_count(kind):
+    assert (kind is _BatchSizedMapping) == isinstance(kind({}), Mapping)
+    dataset = DictDataset(2, kind({"x": torch.arange(6) * 10, "y": torch.arange(3)}))
+    assert len(dataset) == 3 and dataset.num_tensors == 6
+    batch = dataset[2]
+    assert batch["x"].tolist() == [40, 50] and batch["y"].tolist() == [1, 2]
+    with pytest.raises(RolloutValueError, match="empty"):
+        DictDataset(2, kind({}))
 
 
 def test_default_device_is_the_current_cuda_device_when_cuda_is_available(monkeypatch):
@@ -159,6 +202,172 @@ def test_auto_backend_routes_cpu_tensors_to_pytorch(monkeypatch):
         assert DictDataset(3, data)[1]["obs"].shape == (3,)
 
 
+def test_triton_backend_runs_the_kernels_on_every_hot_path(kernel_calls):
+    """The mirror of the test above: under 'triton' every hot path reaches the kernels. Were
+    use_triton to say no for CPU tensors under the interpreter, everything would fall back to
+    PyTorch, and every other test, the whole API suite on backend triton included, would pass."""
+    device = _kernel_device()
+    T, N = 2, 3
+    g = torch.Generator().manual_seed(0)
+    obs, rew = torch.randn(T, N, 2, generator=g), torch.randn(T, N, generator=g)
+    value, next_value = torch.randn(T, N, 2, generator=g), torch.randn(T, N, 2, generator=g)
+    dones = torch.rand(T, N, generator=g) < 0.3
+    with use_backend("torch"):  # the reference results, before the spy starts counting
+        want_gae = rollout_buffers.compute_gae(rew, value, next_value, dones, 0.99, 0.95)
+    kernel_calls.clear()
+    with use_backend("triton"):
+        buf = ExperienceBuffer(N, T, device=device)
+        for key, shape in (("obs", (2,)), ("rewards", ()), ("value", (2,))):
+            buf.register_key(key, shape)
+        for key in ("next_value", "advantages", "returns"):
+            buf.register_key(key, (2,))
+        buf.register_key("dones", dtype=torch.bool)
+
+        buf.update_step(0, {"obs": obs[0].to(device), "rewards": rew[0].to(device)})
+        assert kernel_calls == ["step_write"], "update_step"
+        kernel_calls.clear()
+        buf.update_data("obs", 1, obs[1].to(device))
+        buf.update_data("rewards", step=1, data=rew[1].to(device))
+        assert kernel_calls == ["step_write", "step_write"], "update_data"
+        assert torch.equal(buf.obs.cpu(), obs) and torch.equal(buf.rewards.cpu(), rew)
+        for key, data in (("value", value), ("next_value", next_value), ("dones", dones)):
+            buf.batch_update_data(key, data.to(device))
+
+        kernel_calls.clear()
+        got_gae = rollout_buffers.compute_gae(
+            *(x.to(device) for x in (rew, value, next_value, dones)), 0.99, 0.95
+        )
+        assert kernel_calls == ["gae"], "compute_gae"
+        kernel_calls.clear()
+        buf.compute_gae(0.99, 0.95)
+        assert kernel_calls == ["gae"], "ExperienceBuffer.compute_gae"
+        for got in (got_gae, (buf.advantages, buf.returns)):
+            for x, want in zip(got, want_gae, strict=True):
+                torch.testing.assert_close(x.cpu(), want, rtol=1e-5, atol=1e-6)
+
+        kernel_calls.clear()
+        view = {k: v.cpu() for k, v in buf.get_dict().items()}  # read: values may be lazy
+        assert kernel_calls and set(kernel_calls) == {"transpose_flatten"}, "get_dict"
+        kernel_calls.clear()
+        data = {k: v.cpu() for k, v in buf.make_dict().items()}
+        assert kernel_calls and set(kernel_calls) == {"transpose_flatten"}, "make_dict"
+        for out in (view, data):
+            assert torch.equal(out["obs"], obs.transpose(0, 1).reshape(N * T, 2))
+            assert torch.equal(out["rewards"], rew.t().reshape(N * T))
+
+        x = torch.arange(6, device=device) * 10
+        dataset = DictDataset(3, {"x": x, "short": x[:4]})
+        kernel_calls.clear()
+        batch = dataset[1]
+        assert kernel_calls == ["permuted_gather"], "dataset[i]"
+        assert batch["x"].tolist() == [30, 40, 50] and batch["short"].tolist() == [30, 0, 10]
+
+
+def test_a_machine_without_triton_runs_auto_on_pytorch_and_refuses_triton_clearly():
+    """``import triton`` fails (``sys.modules['triton'] = None``, in a fresh process): backend
+    'auto' runs everything on PyTorch; 'triton' raises BackendUnavailableError saying why,
+    never a bare ModuleNotFoundError from deep inside."""
+    code = textwrap.dedent(
+        """
+        import sys
+        sys.modules["triton"] = None
+        import torch
+        import rollout_buffers as rb
+
+        def run_all():
+            buf = rb.ExperienceBuffer(3, 2, device="cpu")
+            for key in ("obs", "rewards", "value", "next_value", "dones", "advantages",
+                        "returns"):
+                buf.register_key(key)
+            yield "update_step", lambda: buf.update_step(0, {"obs": torch.ones(3)})
+            yield "update_data", lambda: buf.update_data("obs", 1, torch.full((3,), 2.0))
+            for key in ("rewards", "value", "next_value", "dones"):
+                buf.batch_update_data(key, torch.ones(2, 3))
+            yield "compute_gae", lambda: buf.compute_gae(0.99, 0.95)
+            yield "get_dict", lambda: buf.get_dict()["obs"].tolist()
+            yield "swap_and_flatten01", lambda: rb.swap_and_flatten01(torch.ones(2, 3))
+            ds = rb.DictDataset(3, {"x": torch.arange(6)})
+            yield "dataset[i]", lambda: ds[1]["x"].tolist()
+
+        with rb.use_backend("auto"):
+            results = {name: call() for name, call in run_all()}
+        assert results["get_dict"] == [1.0, 2.0] * 3, results
+        assert results["dataset[i]"] == [3, 4, 5], results
+        with rb.use_backend("triton"):
+            for name, call in run_all():
+                try:
+                    call()
+                except rb.BackendUnavailableError as exc:
+                    assert "import triton" in str(exc), (name, str(exc))
+                    print("refused", name)
+                else:
+                    raise AssertionError(f"{name} ran with backend 'triton' and no triton")
+        assert "triton" not in [m.split(".")[0] for m in sys.modules if sys.modules[m]]
+        print("ok")
+        """
+    )
+    env = {**os.environ, "TRITON_INTERPRET": "1", "ROLLOUT_BUFFERS_BACKEND": "auto"}
+    proc = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.split()
+    assert lines[-1] == "ok", proc.stdout
+    assert proc.stdout.count("refused") == 6, proc.stdout
+
+
+def _backend_device(name: str, request) -> tuple[str, list | None]:
+    """The device for backend ``name``, and for 'triton' the kernel spy's record: a test checks
+    the kernels ran (a silent fallback to PyTorch would pass for them)."""
+    if name == "torch":
+        return "cpu", None
+    device = _kernel_device()
+    return device, request.getfixturevalue("kernel_calls")
+
+
+@pytest.mark.parametrize("name", ["torch", "triton"])
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.float32, torch.int64], ids=str)
+def test_step_sources_sliced_from_a_larger_tensor_at_two_envs(name, dtype, request):
+    """A source with dense rows but a row stride wider than the row, at exactly 2 envs (the
+    layout tests use 7): the kernel must step by the source's stride, not read it flat."""
+    device, calls = _backend_device(name, request)
+    g = torch.Generator().manual_seed(5)
+    wide = torch.randint(0, 100, (2, 2, 6), generator=g).to(dtype)  # (step, env, 6)
+    vec = [wide[s, :, 1:4] for s in range(2)]  # (2, 3), row stride 6
+    scalar = [wide[s, :, 5] for s in range(2)]  # (2,), stride 6
+    assert not vec[0].is_contiguous() and not scalar[0].is_contiguous()
+    with use_backend(name):
+        buf = ExperienceBuffer(2, 2, device=device)
+        buf.register_key("vec", (3,), dtype)
+        buf.register_key("scalar", (), dtype)
+        buf.update_step(0, {"vec": vec[0].to(device), "scalar": scalar[0].to(device)})
+        buf.update_data("vec", 1, vec[1].to(device))
+        buf.update_data("scalar", 1, scalar[1].to(device))
+    assert torch.equal(buf.vec.cpu(), torch.stack(vec))
+    assert torch.equal(buf.scalar.cpu(), torch.stack(scalar))
+    assert calls is None or calls == ["step_write"] * 3
+
+
+@pytest.mark.parametrize("name", ["torch", "triton"])
+def test_a_gather_source_whose_rows_are_not_dense_gives_the_right_columns(name, request):
+    device, calls = _backend_device(name, request)
+    x = (torch.arange(6 * 8).reshape(6, 8)).to(device)
+    y = torch.arange(4 * 2 * 6, dtype=torch.float32).reshape(4, 2, 6).to(device)
+    srcs = {"x": x[:, ::2], "short": x[:4, 1::3], "y": y[:, :, ::3]}  # rows not dense
+    assert not any(v.is_contiguous() for v in srcs.values())
+    perm = torch.tensor([4, 1, 5, 0, 3, 2])
+    with use_backend(name):
+        dataset = DictDataset(3, srcs)
+        dataset.shuffled_to_original = perm
+        for i in range(2):
+            rows = perm[3 * i : 3 * i + 3]
+            batch = dataset[i]
+            for key, src in srcs.items():
+                want = src.cpu()[rows % src.shape[0]]
+                assert torch.equal(batch[key].cpu(), want), (key, i)
+    assert calls is None or calls == ["permuted_gather"] * 2
+
+
 def test_swap_and_flatten01_keeps_autograd_for_inputs_that_require_grad():
     x = torch.randn(2, 3, requires_grad=True)
     y = swap_and_flatten01(x)
@@ -222,6 +431,28 @@ def test_gae_kernel_with_returns_written_over_values_and_shifted_next_values():
         results[name] = (adv.cpu(), series.cpu())
     for got, want in zip(results["triton"], results["torch"]):  # (adv, ret written over values)
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_a_test_that_switches_the_interpreter_off_leaves_later_kernels_working():
+    """Order independence. Run on their own, a test that sets TRITON_INTERPRET=0 and then an
+    interpreted kernel test: if the first were also the first to import triton, triton would
+    load for compiling and the second would fail. The full suite hid this (other test modules
+    import triton first), so this runs the pair as a pytest session of its own."""
+    if _kernel_device() != "cpu":
+        pytest.skip("the kernels compile for CUDA here: no interpreter to switch off")
+    tests = [
+        "tests/test_api.py::test_triton_backend_on_cpu_without_interpreter_is_a_clear_error",
+        "tests/test_regressions.py::"
+        "test_gae_kernel_with_returns_written_over_values_and_shifted_next_values",
+    ]
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *tests],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0 and "2 passed" in proc.stdout, proc.stdout[-3000:]
 
 
 def test_an_assigned_permutation_is_adopted_or_refused_before_any_gather():
