@@ -15,9 +15,18 @@ from ._index import as_index
 from ._index import int_or_none as _int
 from ._index import positive_int as _positive_int
 from .errors import (
+    RolloutArgumentTypeError,
+    RolloutDeviceError,
+    RolloutDimensionError,
     RolloutIndexError,
     RolloutKeyError,
+    RolloutKeyTypeError,
+    RolloutLayoutError,
+    RolloutNotAMappingError,
+    RolloutNotATensorError,
+    RolloutShapeError,
     RolloutTypeError,
+    RolloutUnknownKeyError,
     RolloutValueError,
 )
 
@@ -39,17 +48,18 @@ def swap_and_flatten01(arr: Tensor | None) -> Tensor | None:
         The flattened copy, or ``None`` when ``arr`` is ``None``.
 
     Raises:
-        RolloutValueError: ``arr`` has fewer than 2 dimensions.
-        RolloutTypeError: ``arr`` is not a tensor.
+        RolloutDimensionError: ``arr`` has fewer than 2 dimensions (also an IndexError, as the
+            original's ``transpose`` raised).
+        RolloutNotATensorError: ``arr`` is not a tensor (also an AttributeError).
     """
     if arr is None:
         return None
     if not isinstance(arr, Tensor):
-        raise RolloutTypeError(
+        raise RolloutNotATensorError(
             f"swap_and_flatten01: expected a tensor, received {type(arr).__name__}"
         )
     if arr.dim() < 2:
-        raise RolloutValueError(
+        raise RolloutDimensionError(
             f"swap_and_flatten01: expected a tensor with at least 2 dimensions "
             f"(num_steps, num_envs, ...), received shape {tuple(arr.shape)}"
         )
@@ -111,7 +121,10 @@ class ExperienceBuffer(nn.Module):
         try:
             device = torch.device(device)
         except (RuntimeError, TypeError) as exc:
-            raise RolloutValueError(
+            # The original failed in torch.zeros with the same class: RuntimeError for a bad
+            # name, TypeError for an object that is no device at all.
+            cls = RolloutDeviceError if isinstance(exc, RuntimeError) else RolloutArgumentTypeError
+            raise cls(
                 f"device: expected a torch.device or a device string, received {device!r}: {exc}"
             ) from None
         if device.type == "cuda" and device.index is None:
@@ -179,8 +192,8 @@ class ExperienceBuffer(nn.Module):
 
     def _raise_unknown_key(self, key: Any) -> None:
         if not isinstance(key, str):
-            raise RolloutKeyError(f"{key!r}: keys are strings, received {type(key).__name__}")
-        raise RolloutKeyError(
+            raise RolloutKeyTypeError(f"{key!r}: keys are strings, received {type(key).__name__}")
+        raise RolloutUnknownKeyError(
             f"{key}: unknown key '{key}'; registered keys: {sorted(self._specs) or 'none'} "
             f"(call register_key('{key}', shape=..., dtype=...) first)"
         )
@@ -193,13 +206,14 @@ class ExperienceBuffer(nn.Module):
         """Allocate a zeroed buffer ``(num_steps, num_envs, *shape)`` of ``dtype`` for ``key``.
 
         Raises:
-            RolloutKeyError: ``key`` is not a string, is already registered, or clashes with an
-                attribute of the module.
-            RolloutValueError: ``shape`` has a negative or non-integer size.
+            RolloutKeyError: ``key`` is not a string (RolloutKeyTypeError, also a TypeError), is
+                already registered, or clashes with an attribute of the module.
+            RolloutValueError: ``shape`` has a negative size (RolloutShapeError, also a
+                RuntimeError) or a non-integer one (RolloutArgumentTypeError, also a TypeError).
             RolloutTypeError: ``dtype`` is not a ``torch.dtype``.
         """
         if not isinstance(key, str):
-            raise RolloutKeyError(f"{key!r}: keys are strings, received {type(key).__name__}")
+            raise RolloutKeyTypeError(f"{key!r}: keys are strings, received {type(key).__name__}")
         if key in self._specs:
             raise RolloutKeyError(f"{key}: key '{key}' is already registered")
         if not key or "." in key:
@@ -234,10 +248,13 @@ class ExperienceBuffer(nn.Module):
         ``index`` (positional, as in the original) or ``step=`` (as in its documented example).
 
         Raises:
-            RolloutKeyError: unknown key.
+            RolloutKeyError: unknown key (RolloutUnknownKeyError, also an AttributeError, as the
+                original's ``getattr`` raised), or not a string (RolloutKeyTypeError).
             RolloutIndexError: step out of range. RolloutTypeError: step not an integer.
             RolloutValueError: data of a shape that does not broadcast to
-                ``(num_envs, *shape)``, on another device, or with ``requires_grad``.
+                ``(num_envs, *shape)`` (RolloutShapeError, also a RuntimeError, as torch
+                raised), on another device (RolloutDeviceError), overlapping its destination
+                (RolloutOverlapError), or with ``requires_grad``.
         """
         # The hot path of a rollout loop: the common case (a known key, an in-range int step,
         # a tensor matching the cached spec exactly) costs a few compares; anything else takes
@@ -272,7 +289,7 @@ class ExperienceBuffer(nn.Module):
             tensors: a mapping (dict or TensorDict) from registered keys to data.
         """
         if not hasattr(tensors, "items"):
-            raise RolloutTypeError(
+            raise RolloutNotAMappingError(
                 f"update_step: tensors must be a mapping of key -> tensor, received {type(tensors).__name__}"
             )
         if type(index) is not int or not 0 <= index < self.num_steps:
@@ -388,12 +405,12 @@ class ExperienceBuffer(nn.Module):
                 if data.dim() and data.device != spec.device:
                     data = data.to(spec.device)
             except Exception as exc:
-                raise RolloutTypeError(
+                raise RolloutNotATensorError(
                     f"{key}: {where} expected a tensor ({expected}), received "
                     f"{type(data).__name__} that cannot be converted: {exc}"
                 ) from None
         if data.layout != torch.strided:  # copy_ would fail after other keys were written
-            raise RolloutTypeError(
+            raise RolloutLayoutError(
                 f"{key}: {where} expected a dense tensor ({expected}), received layout "
                 f"{data.layout}: pass data.to_dense()"
             )
@@ -403,7 +420,7 @@ class ExperienceBuffer(nn.Module):
                 f"autograd history: pass data.detach()"
             )
         if data.device != spec.device and not (data.dim() == 0 and data.device.type == "cpu"):
-            raise RolloutValueError(
+            raise RolloutDeviceError(
                 f"{key}: {where} expected data on device {spec.device}, received {data.device}"
             )
         lead = data.dim() - len(shape)
@@ -414,7 +431,7 @@ class ExperienceBuffer(nn.Module):
         except RuntimeError:
             broadcast = False
         if not broadcast:
-            raise RolloutValueError(
+            raise RolloutShapeError(
                 f"{key}: {where} expected data of {expected} (or broadcastable to it), "
                 f"received shape {tuple(data.shape)}"
             )
@@ -499,18 +516,20 @@ def _(dsts: list[Tensor], index: int, srcs: list[Tensor], token: int, keys: str)
 
 
 def _normalize_shape(key: str, shape: Any) -> tuple[int, ...]:
-    if _int(shape) is not None:
+    # The classes say what the original raised: torch.zeros refuses a negative size with a
+    # RuntimeError, and a size that is no int (or a shape that is no tuple) with a TypeError.
+    scalar = _int(shape) is not None
+    if scalar:
         shape = (shape,)
     try:
         dims = tuple(_int(d) for d in shape)
     except TypeError:
-        raise RolloutValueError(
+        raise RolloutArgumentTypeError(
             f"{key}: shape must be a tuple of ints, received {shape!r}"
         ) from None
     if any(d is None or d < 0 for d in dims):
-        raise RolloutValueError(
-            f"{key}: shape must be a tuple of non-negative ints, received {shape!r}"
-        )
+        cls = RolloutArgumentTypeError if scalar or None in dims else RolloutShapeError
+        raise cls(f"{key}: shape must be a tuple of non-negative ints, received {shape!r}")
     return dims
 
 

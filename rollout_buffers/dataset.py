@@ -12,7 +12,15 @@ from torch.utils.data import Dataset
 from . import ops
 from ._index import as_index
 from ._index import positive_int as _positive_int
-from .errors import RolloutIndexError, RolloutTypeError, RolloutValueError
+from .errors import (
+    RolloutArgumentTypeError,
+    RolloutDeviceError,
+    RolloutIndexError,
+    RolloutNotAMappingError,
+    RolloutTypeError,
+    RolloutValueError,
+    RolloutZeroDivisionError,
+)
 
 __all__ = ["DictDataset"]
 
@@ -47,7 +55,7 @@ class DictDataset(Dataset):
         generator: torch.Generator | None = None,
     ) -> None:
         if not isinstance(tensor_dict, Mapping) and not hasattr(tensor_dict, "items"):
-            raise RolloutTypeError(
+            raise RolloutNotAMappingError(
                 f"DictDataset: tensor_dict must be a mapping of key -> tensor, received {type(tensor_dict).__name__}"
             )
         if len(tensor_dict) == 0:
@@ -62,7 +70,9 @@ class DictDataset(Dataset):
                     f"{key}: DictDataset expected a tensor, received {type(value).__name__}"
                 )
             if value.dim() == 0 or value.shape[0] == 0:
-                raise RolloutValueError(
+                # The original's len() of a 0-dim tensor raised a TypeError; no rows at all it
+                # accepted, and failed on the first batch.
+                raise (RolloutArgumentTypeError if value.dim() == 0 else RolloutValueError)(
                     f"{key}: DictDataset expected a tensor with at least one row along dim 0, "
                     f"received shape {tuple(value.shape)}"
                 )
@@ -74,12 +84,13 @@ class DictDataset(Dataset):
             if device is None:
                 device, first = value.device, key
             elif value.device != device:
-                raise RolloutValueError(
+                raise RolloutDeviceError(
                     f"{key}: every tensor must be on one device: '{first}' is on {device}, "
                     f"'{key}' is on {value.device}"
                 )
             lengths[key] = value.shape[0]
-        batch_size = _positive_int("DictDataset: batch_size", batch_size)
+        # 0: the original's `num_tensors % batch_size` raised ZeroDivisionError.
+        batch_size = _positive_int("DictDataset: batch_size", batch_size, RolloutZeroDivisionError)
         num_tensors = max(lengths.values())
         if num_tensors % batch_size:
             longest = max(lengths, key=lengths.get)
@@ -97,7 +108,7 @@ class DictDataset(Dataset):
                 f"{type(generator).__name__}"
             )
         if generator is not None and not _same_device(generator.device, device):
-            raise RolloutValueError(
+            raise RolloutDeviceError(
                 f"DictDataset: the generator is on {generator.device}, the tensors on {device}; "
                 f"create it with torch.Generator(device={str(device)!r})"
             )
