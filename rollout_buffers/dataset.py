@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.data import Dataset
@@ -30,14 +31,20 @@ class DictDataset(Dataset):
 
     Tensors may differ in length along dim 0. The longest sets ``num_tensors``, which must be
     divisible by ``batch_size``; a shorter tensor is indexed modulo its length (for example an
-    expert-data key shorter than the rollout). The permutation is drawn on the tensors' device
-    with torch's RNG: no NumPy, no host round trip.
+    expert-data key shorter than the rollout).
+
+    Shuffling draws what the original drew: ``np.random.permutation(num_tensors)`` from NumPy's
+    global RNG, so a run seeded as before gets the same minibatches, and torch's global RNG is
+    left alone (a ProtoMotions run samples its actions from it). The permutation goes to the
+    tensors' device once per shuffle (pinned, non-blocking), not once per minibatch. With
+    ``generator=`` it is drawn on the device with ``torch.randperm`` instead: no host work.
 
     Args:
         batch_size: rows per minibatch; must divide ``num_tensors``.
         tensor_dict: key -> tensor, all on one device.
         shuffle: draw a random permutation now (call :meth:`shuffle` for a new one).
-        generator: a ``torch.Generator`` on the tensors' device, for reproducible shuffles.
+        generator: a ``torch.Generator`` on the tensors' device: shuffles are drawn from it, on
+            the device, instead of from NumPy's global RNG.
 
     Example:
         >>> data = {"obs": obs_tensor, "actions": action_tensor}
@@ -121,6 +128,7 @@ class DictDataset(Dataset):
         self.shuffled_to_original: Tensor = torch.arange(num_tensors, device=device)
         self._perm_checked: Tensor | None = self.shuffled_to_original
         self._wrap = False  # the permutation may hold entries outside [0, num_tensors)
+        self._pinned: Tensor | None = None  # the host side of an asynchronous copy in flight
         if shuffle:
             self.shuffle()
 
@@ -151,11 +159,24 @@ class DictDataset(Dataset):
         return perm
 
     def shuffle(self) -> None:
-        """Draw a new permutation on the tensors' device (``generator`` makes it reproducible)."""
-        self.shuffled_to_original = self._perm_checked = torch.randperm(
-            self.num_tensors, device=self._device, generator=self.generator
-        )
-        self._wrap = False
+        """Draw a new permutation: ``np.random.permutation(num_tensors)``, as the original did,
+        or ``torch.randperm`` on the device from ``generator`` when one was given."""
+        if self.generator is not None:
+            perm = torch.randperm(self.num_tensors, device=self._device, generator=self.generator)
+        else:
+            perm = self._host_to_device(np.random.permutation(self.num_tensors))
+        self.shuffled_to_original = self._perm_checked = perm
+        self._wrap = False  # a drawn permutation holds 0..num_tensors-1 only
+
+    def _host_to_device(self, perm: np.ndarray) -> Tensor:
+        """A NumPy permutation as an int64 tensor on the data's device, without synchronizing:
+        on CUDA through pinned memory with a non-blocking copy, the pinned buffer kept until the
+        next shuffle (the copy may still be reading it when this returns)."""
+        host = torch.from_numpy(perm.astype(np.int64, copy=False))
+        if self._device.type == "cuda":
+            self._pinned = host = host.pin_memory()
+            return host.to(self._device, non_blocking=True)
+        return host.to(self._device)  # CPU: the same memory, no copy
 
     def num_batches(self) -> int:
         """``num_tensors // batch_size``."""

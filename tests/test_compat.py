@@ -9,6 +9,7 @@ purpose (a step written twice counts twice in the original) is asserted both way
 
 from __future__ import annotations
 
+import contextlib
 import re
 import warnings
 
@@ -514,6 +515,66 @@ def test_original_gives_the_same_batches_for_our_permutation():
     theirs.shuffled_to_original = ours.shuffled_to_original.numpy()
     _assert_same_batches(ours, theirs)
     assert ours.do_shuffle is True and theirs.do_shuffle is False
+
+
+@contextlib.contextmanager
+def _global_rngs_restored():
+    """Run a block that seeds torch's and NumPy's global RNGs, then put both back."""
+    np_state = np.random.get_state()
+    try:
+        with torch.random.fork_rng(devices=[]):
+            yield
+    finally:
+        np.random.set_state(np_state)
+
+
+def _seeded_run(module, name: str, seed: int, data: dict):
+    """Seed both global RNGs, shuffle and read every minibatch for three epochs; return the
+    minibatches and what both RNGs would draw next (their state)."""
+    with _global_rngs_restored(), use_backend(name):
+        torch.manual_seed(seed)
+        np.random.seed(seed)
+        dataset = module.DictDataset(4, data, shuffle=True)
+        epochs = []
+        for _ in range(3):
+            epochs.append(
+                [dataset[i] for i in range(len(dataset))]
+            )  # the original's for loop breaks
+            dataset.shuffle()
+        torch_state, np_state = torch.get_rng_state(), np.random.get_state()
+        return (
+            epochs,
+            torch_state,
+            (np_state[1].copy(), np_state[2]),
+            torch.rand(3),
+            np.random.random(3),
+        )
+
+
+@pytest.mark.parametrize("name", ["torch", "triton"])
+@pytest.mark.parametrize("seed", [0, 3])
+def test_a_seeded_run_gets_the_original_minibatches_and_leaves_both_rngs_as_it_did(seed, name):
+    _kernels_or_skip(name)
+    data = _dataset_data()
+    theirs = _seeded_run(orig, "torch", seed, data)
+    ours = _seeded_run(rb, name, seed, data)
+    for mine, expected in zip(ours[0], theirs[0], strict=True):  # epochs
+        for got, want in zip(mine, expected, strict=True):  # minibatches
+            assert list(got) == list(want)
+            for key in want:
+                assert_same(got[key], want[key])
+    assert torch.equal(ours[1], theirs[1])  # torch's RNG: untouched by both
+    assert np.array_equal(ours[2][0], theirs[2][0]) and ours[2][1] == theirs[2][1]
+    assert torch.equal(ours[3], theirs[3]) and np.array_equal(ours[4], theirs[4])
+
+
+def test_the_issue_repro_torch_untouched_numpy_advanced():
+    with _global_rngs_restored():
+        torch.manual_seed(0)
+        np.random.seed(0)
+        DictDataset(4, {"x": torch.zeros(8)}, shuffle=True)
+        assert round(torch.rand(1).item(), 6) == 0.496257  # the first draw after the seed
+        assert round(np.random.random(), 6) == 0.645894  # after the permutation of 8
 
 
 # ---------------------------------------------------------------------------------------------
