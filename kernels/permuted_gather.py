@@ -80,34 +80,46 @@ def _permuted_gather_kernel(tab, outs, perm, start, K: tl.constexpr, WB: tl.cons
             _copy_rows(p_t, d_p, p_s, 0, i_p - p_0, WB[k], MOD[k], I32[k], BB, CH)
 
 
-def _build(srcs: Sequence[Tensor], n: int, count: int, wrap: bool):
+def _build(srcs: Sequence[Tensor], n: int, count: int, wrap: bool, lengths: Sequence[int]):
     rows, wbs, mods, i32s, p = [], [], [], [], 0
-    for s in srcs:
+    for s, length in zip(srcs, lengths, strict=True):
+        if not 1 <= length <= s.shape[0]:  # the modulo must keep every read inside the tensor
+            raise IndexError(
+                f"permuted_gather: a modulo length of {length} for a tensor of {s.shape[0]} rows"
+            )
         es = s.element_size()
         rb = math.prod(s.shape[1:]) * es
         s0b = s.stride(0) * es
         wb = word_bytes(s.data_ptr(), rb, s0b)
         n_u = count * rb // wb
         q = p + n_programs(count * rb)
-        rows.append((s.data_ptr(), s0b // wb, s.shape[0], rb // wb, n_u, p, q))
+        rows.append((s.data_ptr(), s0b // wb, length, rb // wb, n_u, p, q))
         wbs.append(wb)
-        mods.append(wrap or s.shape[0] < n)
+        mods.append(wrap or length < n)
         i32s.append(n_u < I32_LIMIT)
         p = q
     return srcs[0].device, rows, (tuple(wbs), tuple(mods), tuple(i32s), p)
 
 
 def permuted_gather(
-    srcs: Sequence[Tensor], perm: Tensor, start: int, count: int, wrap: bool = False
+    srcs: Sequence[Tensor],
+    perm: Tensor,
+    start: int,
+    count: int,
+    wrap: bool = False,
+    lengths: Sequence[int] | None = None,
 ) -> list[Tensor]:
     """Gather rows ``perm[start:start+count]`` (modulo each tensor's length), in one launch.
 
     Args:
-        srcs: tensors ``(L_k, *shape_k)`` on ``perm``'s device, any dtypes, any row stride
-            (rows that are not dense are made contiguous first). ``L_k >= 1``.
+        srcs: tensors ``(R_k, *shape_k)`` on ``perm``'s device, any dtypes, any row stride
+            (rows that are not dense are made contiguous first). ``R_k >= 1``.
         perm: 1-D int64 permutation of ``range(n)`` (``n < 2**31``), read on the device.
         wrap: ``perm`` may hold any int64 (an assigned permutation): every key then takes its
             entries modulo its length (Python's modulo), not only the shorter keys.
+        lengths: per tensor, the length ``L_k`` to take the modulo by, ``1 <= L_k <= R_k``
+            (default: ``R_k``); a key is reduced iff ``wrap or L_k < n``. A length
+            past the tensor's end is refused (IndexError): no read ever leaves a tensor.
         start: first entry of ``perm`` to use (not a compile-time constant).
         count: rows to gather, ``start + count <= n``.
 
@@ -116,8 +128,13 @@ def permuted_gather(
     """
     n = perm.shape[0]
     srcs = [s if s.is_contiguous() or dense_rows(s, 1) else s.contiguous() for s in srcs]
-    key = (n, count, wrap) + tuple((s.data_ptr(), s.shape, s.stride(), s.dtype) for s in srcs)
-    tab, (wbs, mods, i32s, grid), _ = cached_table(key, lambda: _build(srcs, n, count, wrap))
+    lengths = tuple(s.shape[0] for s in srcs) if lengths is None else tuple(lengths)
+    key = (n, count, wrap, lengths) + tuple(
+        (s.data_ptr(), s.shape, s.stride(), s.dtype) for s in srcs
+    )
+    tab, (wbs, mods, i32s, grid), _ = cached_table(
+        key, lambda: _build(srcs, n, count, wrap, lengths)
+    )
     outs = [torch.empty((count, *s.shape[1:]), dtype=s.dtype, device=s.device) for s in srcs]
     if grid:
         with device_guard(perm):

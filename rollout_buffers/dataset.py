@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -17,6 +18,7 @@ from .errors import (
     RolloutArgumentTypeError,
     RolloutDeviceError,
     RolloutIndexError,
+    RolloutKeyError,
     RolloutNotAMappingError,
     RolloutTypeError,
     RolloutValueError,
@@ -31,7 +33,11 @@ class DictDataset(Dataset):
 
     Tensors may differ in length along dim 0. The longest sets ``num_tensors``, which must be
     divisible by ``batch_size``; a shorter tensor is indexed modulo its length (for example an
-    expert-data key shorter than the rollout).
+    expert-data key shorter than the rollout). As in the original, ``tensor_dict`` is read on
+    every batch but each key's length is fixed when the dataset is built: a key replaced later
+    by a longer tensor is still indexed modulo its old length, a key added later is a KeyError,
+    and one replaced by a shorter tensor is refused (an IndexError: it would be read past its
+    end).
 
     Shuffling draws what the original drew: ``np.random.permutation(num_tensors)`` from NumPy's
     global RNG, so a run seeded as before gets the same minibatches, and torch's global RNG is
@@ -70,7 +76,8 @@ class DictDataset(Dataset):
                 "DictDataset: tensor_dict is empty; pass at least one key -> tensor"
             )
         device = None
-        lengths: dict[str, int] = {}
+        lengths: dict[Any, int] = {}
+        values: list[Tensor] = []
         for key, value in tensor_dict.items():
             if not isinstance(value, Tensor):
                 raise RolloutTypeError(
@@ -96,6 +103,7 @@ class DictDataset(Dataset):
                     f"'{key}' is on {value.device}"
                 )
             lengths[key] = value.shape[0]
+            values.append(value)
         # 0: the original's `num_tensors % batch_size` raised ZeroDivisionError.
         batch_size = _positive_int("DictDataset: batch_size", batch_size, RolloutZeroDivisionError)
         num_tensors = max(lengths.values())
@@ -129,6 +137,12 @@ class DictDataset(Dataset):
         self._perm_checked: Tensor | None = self.shuffled_to_original
         self._wrap = False  # the permutation may hold entries outside [0, num_tensors)
         self._pinned: Tensor | None = None  # the host side of an asynchronous copy in flight
+        # Each key's length, fixed now as the original fixed it; and the (key, tensor) objects
+        # the last batch read, so that a batch re-validates only when tensor_dict changed.
+        self._lengths = lengths
+        self._seen_keys: list = list(lengths)
+        self._seen_values: list[Tensor] = values
+        self._seen_lengths: list[int] = list(lengths.values())
         if shuffle:
             self.shuffle()
 
@@ -206,9 +220,55 @@ class DictDataset(Dataset):
         # Read tensor_dict on every call, as the original did: code that edits it in place after
         # building the dataset (re-normalized advantages, say) gets what it wrote.
         td = self.tensor_dict
+        keys, srcs = list(td.keys()), list(td.values())
+        lengths = self._seen_lengths
+        if not (
+            len(srcs) == len(self._seen_values)
+            and all(map(operator.is_, srcs, self._seen_values))
+            and all(map(operator.is_, keys, self._seen_keys))
+        ):
+            lengths = self._recorded_lengths(keys, srcs)
         start = index * self.batch_size
-        outs = ops.gather(list(td.values()), perm, start, self.batch_size, self._wrap)
-        return dict(zip(td.keys(), outs))
+        outs = ops.gather(srcs, perm, start, self.batch_size, self._wrap, lengths)
+        return dict(zip(keys, outs))
+
+    def _recorded_lengths(self, keys: list, srcs: list) -> list[int]:
+        """The length each key had when the dataset was built, for the current ``tensor_dict``
+        (which changed since the last batch); every key and tensor checked again, once."""
+        lengths = [self._recorded_length(key, value) for key, value in zip(keys, srcs)]
+        self._seen_keys, self._seen_values, self._seen_lengths = keys, srcs, lengths
+        return lengths
+
+    def _recorded_length(self, key: Any, value: Any) -> int:
+        length = self._lengths.get(key)
+        if length is None:
+            raise RolloutKeyError(
+                f"{key}: key {key!r} was added to tensor_dict after the dataset was built; "
+                f"DictDataset fixes its keys and their lengths when it is built, as the original "
+                f"did (keys: {list(self._lengths)}): build a new DictDataset"
+            )
+        if not isinstance(value, Tensor):
+            raise RolloutTypeError(
+                f"{key}: DictDataset expected a tensor, received {type(value).__name__}"
+            )
+        if value.dim() == 0 or value.shape[0] < length:
+            rows = "no dim 0" if value.dim() == 0 else f"{value.shape[0]} rows"
+            raise RolloutIndexError(
+                f"{key}: tensor_dict[{key!r}] now has {rows}, fewer than the {length} it had "
+                f"when the dataset was built; its rows are taken modulo {length}, as the "
+                f"original did, and would be read past its end: build a new DictDataset"
+            )
+        if value.device != self._device:
+            raise RolloutDeviceError(
+                f"{key}: tensor_dict[{key!r}] is now on {value.device}, the dataset's other "
+                f"tensors and permutation on {self._device}"
+            )
+        if value.requires_grad:
+            raise RolloutValueError(
+                f"{key}: DictDataset received a tensor with requires_grad=True; minibatches "
+                f"carry no autograd history: pass tensor.detach()"
+            )
+        return length
 
     def __iter__(self) -> Iterator[dict[str, Tensor]]:
         for i in range(len(self)):

@@ -336,6 +336,13 @@ def _ds(m, batch_size=2, data=None):
     return m.DictDataset(batch_size, data)
 
 
+def _edited(m, key, value):
+    """A dataset whose tensor_dict gets ``key`` set to ``value`` after it was built."""
+    dataset = _ds(m)
+    dataset.tensor_dict[key] = value
+    return dataset
+
+
 # fmt: off
 ERROR_CALLS = [  # (id, the class ours raises, the call on module m)
     # ExperienceBuffer(...): the original failed in register_key's torch.zeros
@@ -415,6 +422,8 @@ ERROR_CALLS = [  # (id, the class ours raises, the call on module m)
     ("getitem-str", rb.RolloutTypeError, lambda m: _ds(m)["1"]),
     ("getitem-none", rb.RolloutTypeError, lambda m: _ds(m)[None]),
     ("getitem-list", rb.RolloutTypeError, lambda m: _ds(m)[[0]]),
+    ("getitem-key-added-later", rb.RolloutKeyError, lambda m: _edited(m, "c", torch.arange(12))[0]),
+    ("getitem-key-now-shorter", rb.RolloutIndexError, lambda m: _edited(m, "act", torch.arange(5))[5]),
 ]
 # fmt: on
 # Left out on purpose, each a documented difference (README, "Other differences"): data on
@@ -506,6 +515,22 @@ def test_shuffled_batches_match_the_original_for_the_original_permutation():
     ours[0]  # a batch before the assignment: nothing may keep serving the old permutation
     ours.shuffled_to_original = torch.as_tensor(theirs.shuffled_to_original)
     _assert_same_batches(ours, theirs)
+
+
+@pytest.mark.parametrize("name", ["torch", "triton"])
+def test_a_tensor_dict_edited_after_construction_gives_the_original_batches(name):
+    _kernels_or_skip(name)
+    data = _dataset_data()
+    theirs = orig.DictDataset(4, dict(data))
+    with use_backend(name):
+        ours = DictDataset(4, dict(data))
+        perm = np.random.default_rng(1).permutation(24)
+        ours.shuffled_to_original, theirs.shuffled_to_original = torch.as_tensor(perm), perm
+        for dataset in (ours, theirs):
+            dataset.tensor_dict["short"] = torch.arange(20) * 10  # was 7 rows: still modulo 7
+            dataset.tensor_dict["mid"] = data["mid"][:16] * 2  # same length, new values
+            del dataset.tensor_dict["flag"]
+        _assert_same_batches(ours, theirs)
 
 
 def test_original_gives_the_same_batches_for_our_permutation():

@@ -36,12 +36,62 @@ def _kernel_device() -> str:
 
 def test_dataset_reads_tensor_dict_edited_after_construction():
     x = torch.arange(4)
-    dataset = DictDataset(4, {"x": x})
+    dataset = DictDataset(4, {"x": x, "y": torch.arange(4) + 100})
     dataset.tensor_dict["x"] = x * 10  # e.g. advantages re-normalized in place of the old key
-    dataset.tensor_dict["y"] = torch.arange(4) + 100
     batch = dataset[0]
     assert torch.equal(batch["x"], torch.tensor([0, 10, 20, 30]))
     assert torch.equal(batch["y"], torch.tensor([100, 101, 102, 103]))
+    del dataset.tensor_dict["y"]  # the original iterated the current dict: y is gone
+    assert list(dataset[0]) == ["x"]
+
+
+@pytest.mark.parametrize("name", ["torch", "triton"])
+def test_dataset_fixes_each_keys_length_when_built_like_the_original(name):
+    # Issue 10, point 3: the original recorded {key: len(tensor)} in __init__.
+    if name == "triton":
+        _kernel_device()
+    with use_backend(name):
+        d = {"a": torch.arange(8), "b": torch.arange(4) + 100}
+        ds = DictDataset(4, d)
+        assert ds[1]["b"].tolist() == [100, 101, 102, 103]
+        d["b"] = torch.arange(8) + 200  # longer now: still taken modulo 4
+        assert ds[1]["b"].tolist() == [200, 201, 202, 203]
+        assert ds[0]["b"].tolist() == [200, 201, 202, 203]
+        d["a"] = torch.arange(16) + 50  # longer than num_tensors: rows 0..7 only, no modulo
+        assert ds[1]["a"].tolist() == [54, 55, 56, 57] and len(ds) == 2
+        d["c"] = torch.arange(8)
+        with pytest.raises(KeyError, match="'c'") as info:
+            ds[0]
+        assert isinstance(info.value, rollout_buffers.RolloutKeyError)
+        del d["c"]
+        d["b"] = torch.arange(3)  # shorter than its recorded 4: a kernel would read past it
+        with pytest.raises(IndexError, match=r"'b'.* 3 rows.* 4") as info:
+            ds[0]
+        assert isinstance(info.value, rollout_buffers.RolloutIndexError)
+        d["b"] = torch.zeros(4, device="meta")
+        with pytest.raises(rollout_buffers.RolloutDeviceError, match="meta"):
+            ds[0]
+        d["b"] = torch.arange(4) + 300  # back to a valid tensor: batches work again
+        assert ds[1]["b"].tolist() == [300, 301, 302, 303]
+
+
+def test_dataset_checks_tensor_dict_again_only_when_a_key_or_tensor_changed(monkeypatch):
+    d = {"a": torch.arange(8), "b": torch.arange(4)}
+    ds = DictDataset(4, d)
+    calls = []
+    real = DictDataset._recorded_length
+    monkeypatch.setattr(
+        DictDataset, "_recorded_length", lambda self, k, v: calls.append(k) or real(self, k, v)
+    )
+    for _ in range(3):
+        ds[0], ds[1]
+    assert calls == []  # nothing changed since the dataset was built
+    d["b"] = torch.arange(4) * 2
+    ds[0], ds[1], ds[0]
+    assert calls == ["a", "b"]  # once, for the new tensor_dict
+    d.pop("a")
+    d["a"] = torch.arange(8)  # the same keys in another order
+    assert list(ds[0]) == ["b", "a"] and calls == ["a", "b", "b", "a"]
 
 
 def test_dataset_shuffle_draws_the_permutation_on_the_data_device():
