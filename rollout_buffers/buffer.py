@@ -14,6 +14,7 @@ from . import ops
 from ._index import as_index
 from ._index import int_or_none as _int
 from ._index import positive_int as _positive_int
+from ._overlap import check_sources
 from .errors import (
     RolloutArgumentTypeError,
     RolloutDeviceError,
@@ -136,6 +137,9 @@ class ExperienceBuffer(nn.Module):
         self.store_dict: dict[str, int | float] = {}
         self._device = device
         self._specs: dict[str, _Spec] = {}
+        # Set once a buffer was replaced by a view of another tensor: a source that is no view
+        # may then share its memory, so every write checks for an overlap (see _overlap).
+        self._view_buffers = False
         self._register_token()
 
     def _register_token(self) -> None:
@@ -188,6 +192,8 @@ class ExperienceBuffer(nn.Module):
                     + f"; expected a contiguous ({self.num_steps}, {self.num_envs}, ...) tensor"
                 )
             spec = self._specs[key] = _Spec(tensor, spec.written)
+            if tensor._base is not None:
+                self._view_buffers = True
         return spec
 
     def _raise_unknown_key(self, key: Any) -> None:
@@ -273,6 +279,8 @@ class ExperienceBuffer(nn.Module):
             and data.layout == torch.strided
         ):
             data = self._check_data(key, spec, data, spec.row_shape, "update_data")
+        if data._base is not None or self._view_buffers:  # only a view can share a buffer's memory
+            check_sources((key,), (spec.tensor,), index, (data,), "update_data")
         ops.write_row(spec.tensor, index, data)
         if not spec.written[index]:
             spec.written[index] = 1
@@ -324,7 +332,17 @@ class ExperienceBuffer(nn.Module):
             # must run when the compiled code runs (Dynamo cannot trace the bytearray writes).
             _update_step_op(dsts, index, srcs, self._token, "\0".join(keys))
             return
-        ops.write_step(dsts, index, srcs)
+        sequential = False
+        for data in srcs:
+            if data._base is not None or self._view_buffers:  # see update_data
+                # Refuses a source overlapping its own destination; one overlapping another
+                # key's would race in one launch: then key by key, as PyTorch's loop does.
+                sequential = check_sources(keys, dsts, index, srcs, "update_step")
+                break
+        if sequential:
+            ops.torch_write_step(dsts, index, srcs)
+        else:
+            ops.write_step(dsts, index, srcs)
         store = self.store_dict
         for key, spec in zip(keys, specs):
             if not spec.written[index]:
@@ -335,6 +353,8 @@ class ExperienceBuffer(nn.Module):
         """Write the whole ``(num_steps, num_envs, *shape)`` buffer of ``key`` and mark every step written."""
         spec = self._spec(key)
         data = self._check_data(key, spec, data, spec.tensor.shape, "batch_update_data")
+        if data._base is not None or self._view_buffers:  # see update_data
+            check_sources((key,), (spec.tensor,), None, (data,), "batch_update_data")
         spec.tensor.copy_(data)
         spec.written[:] = b"\x01" * self.num_steps
         self.store_dict[key] = self.total_sum()
@@ -504,7 +524,11 @@ _TOKENS = itertools.count(1)
 def _update_step_op(
     dsts: list[Tensor], index: int, srcs: list[Tensor], token: int, keys: str
 ) -> None:
-    ops.write_step(dsts, index, srcs)
+    # The eager path's overlap check, here where the tensors are real (see update_step).
+    if check_sources(keys.split("\0"), dsts, index, srcs, "update_step"):
+        ops.torch_write_step(dsts, index, srcs)
+    else:
+        ops.write_step(dsts, index, srcs)
     buffer = _LIVE_BUFFERS.get(token)
     if buffer is not None:
         buffer._mark_steps(keys.split("\0"), index)

@@ -331,6 +331,16 @@ def _buf(m):
     return b
 
 
+def _written(m, write):
+    """``write(buffer)`` on a buffer of module ``m`` whose steps are all written: 'rew' (),
+    'sq' (4,) (a call that takes its source from the buffer itself)."""
+    b = _buf(m)
+    b.register_key("sq", shape=(4,))
+    b.batch_update_data("rew", torch.arange(12.0).view(3, 4))
+    b.batch_update_data("sq", torch.arange(48.0).view(3, 4, 4))
+    write(b)
+
+
 def _ds(m, batch_size=2, data=None):
     data = {"obs": torch.randn(12, 3), "act": torch.arange(12)} if data is None else data
     return m.DictDataset(batch_size, data)
@@ -396,6 +406,10 @@ ERROR_CALLS = [  # (id, the class ours raises, the call on module m)
     ("batch-requires-grad", rb.RolloutValueError, lambda m: _buf(m).batch_update_data("obs", torch.zeros(3, 4, 2, requires_grad=True))),
     ("batch-unknown-key", rb.RolloutUnknownKeyError, lambda m: _buf(m).batch_update_data("nope", torch.zeros(3, 4))),
     ("batch-none-key", rb.RolloutKeyTypeError, lambda m: _buf(m).batch_update_data(None, torch.zeros(3, 4))),
+    # a source that overlaps its destination: torch refused it (RuntimeError)
+    ("update-overlap", rb.RolloutOverlapError, lambda m: _written(m, lambda b: b.update_data("rew", 0, b.rew.view(-1)[1:5]))),
+    ("update-overlap-transposed", rb.RolloutOverlapError, lambda m: _written(m, lambda b: b.update_data("sq", 1, b.sq[1].t()))),
+    ("batch-overlap-transposed", rb.RolloutOverlapError, lambda m: _written(m, lambda b: b.batch_update_data("rew", b.rew.view(4, 3).t()))),
     # make_dict, swap_and_flatten01
     ("make-dict-missing-steps", rb.RolloutValueError, lambda m: _buf(m).make_dict()),
     ("swap-1-dim", rb.RolloutDimensionError, lambda m: m.swap_and_flatten01(torch.arange(3.0))),
