@@ -420,8 +420,12 @@ class ExperienceBuffer(nn.Module):
         if not isinstance(data, Tensor):
             try:
                 # On the host first: a Python number stays a 0-dim CPU tensor, which every
-                # path writes into a device buffer without a host-to-device copy.
-                data = torch.as_tensor(data)
+                # path writes into a device buffer without a host-to-device copy. A Python
+                # float is a double (complex: two): kept in 64 bits, so that the one cast is
+                # the one PyTorch's assignment makes (0.1 into a float64 key stays 0.1, into
+                # a float16 key it is rounded once). ints and bools already are int64 / bool.
+                dtype = _PY_SCALAR_DTYPES.get(type(data))
+                data = torch.as_tensor(data) if dtype is None else torch.tensor(data, dtype=dtype)
                 if data.dim() and data.device != spec.device:
                     data = data.to(spec.device)
             except Exception as exc:
@@ -510,6 +514,11 @@ class ExperienceBuffer(nn.Module):
             f"{k}: {tuple(s.tensor.shape[2:])} {s.dtype}" for k, s in self._specs.items()
         )
         return f"num_envs={self.num_envs}, num_steps={self.num_steps}, device={self._device}, keys=[{keys}]"
+
+
+#: Python scalars whose default tensor dtype (float32, complex64) would round them before the
+#: cast to the key's dtype: a float is written as PyTorch's assignment writes it, from a double.
+_PY_SCALAR_DTYPES = {float: torch.float64, complex: torch.complex128}
 
 
 # torch.compile(fullgraph=True) of a step that calls update_step: the write is one opaque
