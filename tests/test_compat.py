@@ -463,6 +463,68 @@ def test_every_error_class_is_an_assertion_error_with_a_readable_message():
     assert issubclass(errors.RolloutUnknownKeyError, (KeyError, AttributeError))
 
 
+def _replaced_by_non_contiguous(m):
+    b = _buf(m)
+    b.rew = torch.zeros(4, 3).t()  # (3, 4), not contiguous
+    b.update_data("rew", 0, torch.ones(4))
+
+
+# fmt: off
+REFUSED_HERE_ONLY = [  # README, "Deliberate differences" / "Other differences": (id, class, call)
+    ("zero-envs", rb.RolloutValueError, lambda m: m.ExperienceBuffer(0, 3, "cpu").register_key("x")),
+    ("zero-steps", rb.RolloutValueError, lambda m: m.ExperienceBuffer(4, 0, "cpu").register_key("x")),
+    ("dataset-key-without-rows", rb.RolloutValueError, lambda m: m.DictDataset(2, {"a": torch.zeros(4), "b": torch.zeros(0)})),
+    ("dataset-without-rows", rb.RolloutValueError, lambda m: m.DictDataset(2, {"a": torch.zeros(0, 3)})),
+    ("register-keys", rb.RolloutKeyError, lambda m: _buf(m).register_key("keys")),
+    ("register-device", rb.RolloutKeyError, lambda m: _buf(m).register_key("device")),
+    ("register-update-step", rb.RolloutKeyError, lambda m: _buf(m).register_key("update_step")),
+    ("register-private", rb.RolloutKeyError, lambda m: _buf(m).register_key("_specs")),
+    ("register-dtype-none", rb.RolloutTypeError, lambda m: _buf(m).register_key("x", dtype=None)),
+    ("complex-into-real", rb.RolloutValueError, lambda m: _buf(m).update_data("rew", 0, torch.ones(4, dtype=torch.complex64))),
+    ("buffer-non-contiguous", rb.RolloutValueError, _replaced_by_non_contiguous),
+    ("step-bool", rb.RolloutIndexTypeError, lambda m: _buf(m).update_data("rew", True, torch.ones(4))),
+    ("step-two-element-tensor", rb.RolloutIndexTensorError, lambda m: _buf(m).update_data("rew", torch.tensor([0, 1]), torch.ones(4))),
+    ("batch-index-bool", rb.RolloutIndexTypeError, lambda m: _ds(m)[True]),
+]
+# fmt: on
+
+
+@pytest.mark.parametrize(
+    "call, expected", [pytest.param(c, e, id=i) for i, e, c in REFUSED_HERE_ONLY]
+)
+def test_calls_the_original_accepted_are_refused_as_the_readme_says(call, expected):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the original's complex cast warns
+        call(orig)  # accepted there
+    exc = raised(call, rb)
+    assert type(exc) is expected, type(exc).__mro__
+    assert isinstance(exc, AssertionError)
+
+
+def test_a_failed_make_dict_changes_nothing_where_the_original_half_reset_store_dict():
+    keys = {"a": ((), torch.float32), "b": ((), torch.float32)}
+    ours, theirs = pair(2, 2, keys)
+    for buffer in (ours, theirs):
+        buffer.update_data("a", 0, torch.ones(2))
+        buffer.update_data("a", 1, torch.ones(2))
+        buffer.update_data("b", 0, torch.ones(2))
+    assert type(raised(theirs.make_dict)) is AssertionError
+    assert theirs.store_dict == {"a": 0, "b": 1}  # 'a' was reset before 'b' failed
+    exc = raised(ours.make_dict)
+    assert type(exc) is rb.RolloutValueError and str(exc).startswith("Problem with 'b'")
+    assert ours.store_dict == {"a": 3, "b": 1}
+    ours.update_data("b", 1, torch.ones(2))  # the missing step completes the rollout here
+    assert set(ours.make_dict()) == {"a", "b"}
+
+
+def test_data_on_the_meta_device_is_a_runtime_error_as_in_torch_not_a_not_implemented_one():
+    data = torch.zeros(4, 2, device="meta")
+    theirs = raised(lambda: _buf(orig).update_data("obs", 0, data))
+    assert isinstance(theirs, NotImplementedError)
+    ours = raised(lambda: _buf(rb).update_data("obs", 0, data))
+    assert type(ours) is rb.RolloutDeviceError and isinstance(ours, RuntimeError)
+
+
 def _kernels_or_skip(name: str) -> None:
     if name == "triton":
         pytest.importorskip("triton")
