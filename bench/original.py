@@ -3,7 +3,8 @@
 It behaves like ``protomotions.agents.utils.data`` as documented in shared/seed/: per-key copies
 with ``buffer[index] = data``, a running ``store_dict`` sum, ``transpose(0, 1).reshape`` in
 ``make_dict``, a NumPy permutation and per-key fancy indexing in ``DictDataset`` (shorter tensors
-indexed modulo their length), and bare ``assert`` statements. It is written from that behaviour
+indexed modulo their length, each key's length recorded when the dataset is built), and bare
+``assert`` statements. It is written from that behaviour
 for comparison only; it is not part of the library.
 """
 
@@ -61,7 +62,8 @@ class ExperienceBuffer(nn.Module):
 class DictDataset(torch.utils.data.Dataset):
     def __init__(self, batch_size: int, tensor_dict: dict[str, Tensor], shuffle: bool = False):
         assert len(tensor_dict) > 0
-        self.num_tensors = max(len(v) for v in tensor_dict.values())
+        self.lengths = {k: len(v) for k, v in tensor_dict.items()}
+        self.num_tensors = max(self.lengths.values())
         self.batch_size = batch_size
         assert self.num_tensors % self.batch_size == 0, f"{self.num_tensors} {self.batch_size}"
         self.tensor_dict = tensor_dict
@@ -84,4 +86,6 @@ class DictDataset(torch.utils.data.Dataset):
         start = index * self.batch_size
         end = min((index + 1) * self.batch_size, self.num_tensors)
         rows = self.shuffled_to_original[start:end]
-        return {k: v[rows % len(v)] for k, v in self.tensor_dict.items()}
+        # The current dict, with the lengths of the one the dataset was built from: a key
+        # replaced by a longer tensor keeps its old modulo; a key added later is a KeyError.
+        return {k: v[rows % self.lengths[k]] for k, v in self.tensor_dict.items()}

@@ -145,6 +145,10 @@ def _layout(s: Tensor, mode: int, rows: int):
 def _build(srcs, modes, lengths, first, n, count, wrap, seq):
     rows, cx, p = [], [], 0
     for s, mode, length, f in zip(srcs, modes, lengths, first, strict=True):
+        rows_of = s.shape[0] if mode == ROWS else s.shape[0] * s.shape[1]
+        if mode != CHUNKS and not 1 <= length <= rows_of:
+            # The modulo must keep every read inside the tensor.
+            raise IndexError(f"gather: a modulo length of {length} for a source of {rows_of} rows")
         out_rows = count * (seq if mode == CHUNKS and not f else 1)
         ptr, s_a, s_b, ru, wb, i32, r, cb, nt = _layout(s, mode, out_rows)
         t = s.shape[0] if mode != ROWS else 1
@@ -262,7 +266,12 @@ def gatherer(srcs: Sequence[Tensor], modes: Sequence[int], lengths: Sequence[int
 
 
 def permuted_gather(
-    srcs: Sequence[Tensor], perm: Tensor, start: int, count: int, wrap: bool = False
+    srcs: Sequence[Tensor],
+    perm: Tensor,
+    start: int,
+    count: int,
+    wrap: bool = False,
+    lengths: Sequence[int] | None = None,
 ) -> list[Tensor]:
     """Gather rows ``perm[start:start+count]`` (modulo each tensor's length), in one launch.
 
@@ -274,10 +283,14 @@ def permuted_gather(
         count: rows to gather, ``start + count <= n``.
         wrap: ``perm`` may hold any int64 (an assigned permutation): every key then takes its
             entries modulo its length (Python's modulo), not only the shorter keys.
+        lengths: per tensor, the length ``L_k`` to take the modulo by, ``1 <= L_k <= R_k``
+            (default: ``R_k``, its rows); a key is reduced iff ``wrap or L_k < n``. A length
+            past the tensor's end is refused (IndexError): no read ever leaves a tensor.
 
     Returns:
         New contiguous tensors ``(count, *shape_k)``: ``out[k][r] = srcs[k][perm[start + r] % L_k]``.
     """
     n = perm.shape[0]
-    g = gatherer(srcs, [ROWS] * len(srcs), [s.shape[0] for s in srcs], n, count, wrap)
+    lengths = [s.shape[0] for s in srcs] if lengths is None else list(lengths)
+    g = gatherer(srcs, [ROWS] * len(srcs), lengths, n, count, wrap)
     return g(perm, start)

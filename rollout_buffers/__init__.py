@@ -11,11 +11,24 @@ from .buffer import ExperienceBuffer, swap_and_flatten01
 from .dataset import DictDataset
 from .errors import (
     BackendUnavailableError,
+    RolloutArgumentTypeError,
     RolloutBuffersError,
+    RolloutDeviceError,
+    RolloutDimensionError,
     RolloutIndexError,
+    RolloutIndexTensorError,
+    RolloutIndexTypeError,
     RolloutKeyError,
+    RolloutKeyTypeError,
+    RolloutLayoutError,
+    RolloutNotAMappingError,
+    RolloutNotATensorError,
+    RolloutOverlapError,
+    RolloutShapeError,
     RolloutTypeError,
+    RolloutUnknownKeyError,
     RolloutValueError,
+    RolloutZeroDivisionError,
 )
 from .gae import compute_gae
 
@@ -35,4 +48,17 @@ __all__ = [
     "RolloutKeyError",
     "RolloutTypeError",
     "RolloutValueError",
+    "RolloutShapeError",
+    "RolloutDeviceError",
+    "RolloutOverlapError",
+    "RolloutArgumentTypeError",
+    "RolloutZeroDivisionError",
+    "RolloutDimensionError",
+    "RolloutUnknownKeyError",
+    "RolloutKeyTypeError",
+    "RolloutNotATensorError",
+    "RolloutNotAMappingError",
+    "RolloutLayoutError",
+    "RolloutIndexTypeError",
+    "RolloutIndexTensorError",
 ]

@@ -14,10 +14,20 @@ from . import ops
 from ._index import as_index
 from ._index import int_or_none as _int
 from ._index import positive_int as _positive_int
+from ._overlap import check_sources
 from .errors import (
+    RolloutArgumentTypeError,
+    RolloutDeviceError,
+    RolloutDimensionError,
     RolloutIndexError,
     RolloutKeyError,
+    RolloutKeyTypeError,
+    RolloutLayoutError,
+    RolloutNotAMappingError,
+    RolloutNotATensorError,
+    RolloutShapeError,
     RolloutTypeError,
+    RolloutUnknownKeyError,
     RolloutValueError,
 )
 
@@ -39,17 +49,18 @@ def swap_and_flatten01(arr: Tensor | None) -> Tensor | None:
         The flattened copy, or ``None`` when ``arr`` is ``None``.
 
     Raises:
-        RolloutValueError: ``arr`` has fewer than 2 dimensions.
-        RolloutTypeError: ``arr`` is not a tensor.
+        RolloutDimensionError: ``arr`` has fewer than 2 dimensions (also an IndexError, as the
+            original's ``transpose`` raised).
+        RolloutNotATensorError: ``arr`` is not a tensor (also an AttributeError).
     """
     if arr is None:
         return None
     if not isinstance(arr, Tensor):
-        raise RolloutTypeError(
+        raise RolloutNotATensorError(
             f"swap_and_flatten01: expected a tensor, received {type(arr).__name__}"
         )
     if arr.dim() < 2:
-        raise RolloutValueError(
+        raise RolloutDimensionError(
             f"swap_and_flatten01: expected a tensor with at least 2 dimensions "
             f"(num_steps, num_envs, ...), received shape {tuple(arr.shape)}"
         )
@@ -111,7 +122,10 @@ class ExperienceBuffer(nn.Module):
         try:
             device = torch.device(device)
         except (RuntimeError, TypeError) as exc:
-            raise RolloutValueError(
+            # The original failed in torch.zeros with the same class: RuntimeError for a bad
+            # name, TypeError for an object that is no device at all.
+            cls = RolloutDeviceError if isinstance(exc, RuntimeError) else RolloutArgumentTypeError
+            raise cls(
                 f"device: expected a torch.device or a device string, received {device!r}: {exc}"
             ) from None
         if device.type == "cuda" and device.index is None:
@@ -123,6 +137,9 @@ class ExperienceBuffer(nn.Module):
         self.store_dict: dict[str, int | float] = {}
         self._device = device
         self._specs: dict[str, _Spec] = {}
+        # Set once a buffer was replaced by a view of another tensor: a source that is no view
+        # may then share its memory, so every write checks for an overlap (see _overlap).
+        self._view_buffers = False
         self._register_token()
 
     def _register_token(self) -> None:
@@ -175,12 +192,14 @@ class ExperienceBuffer(nn.Module):
                     + f"; expected a contiguous ({self.num_steps}, {self.num_envs}, ...) tensor"
                 )
             spec = self._specs[key] = _Spec(tensor, spec.written)
+            if tensor._base is not None:
+                self._view_buffers = True
         return spec
 
     def _raise_unknown_key(self, key: Any) -> None:
         if not isinstance(key, str):
-            raise RolloutKeyError(f"{key!r}: keys are strings, received {type(key).__name__}")
-        raise RolloutKeyError(
+            raise RolloutKeyTypeError(f"{key!r}: keys are strings, received {type(key).__name__}")
+        raise RolloutUnknownKeyError(
             f"{key}: unknown key '{key}'; registered keys: {sorted(self._specs) or 'none'} "
             f"(call register_key('{key}', shape=..., dtype=...) first)"
         )
@@ -193,13 +212,14 @@ class ExperienceBuffer(nn.Module):
         """Allocate a zeroed buffer ``(num_steps, num_envs, *shape)`` of ``dtype`` for ``key``.
 
         Raises:
-            RolloutKeyError: ``key`` is not a string, is already registered, or clashes with an
-                attribute of the module.
-            RolloutValueError: ``shape`` has a negative or non-integer size.
+            RolloutKeyError: ``key`` is not a string (RolloutKeyTypeError, also a TypeError), is
+                already registered, or clashes with an attribute of the module.
+            RolloutValueError: ``shape`` has a negative size (RolloutShapeError, also a
+                RuntimeError) or a non-integer one (RolloutArgumentTypeError, also a TypeError).
             RolloutTypeError: ``dtype`` is not a ``torch.dtype``.
         """
         if not isinstance(key, str):
-            raise RolloutKeyError(f"{key!r}: keys are strings, received {type(key).__name__}")
+            raise RolloutKeyTypeError(f"{key!r}: keys are strings, received {type(key).__name__}")
         if key in self._specs:
             raise RolloutKeyError(f"{key}: key '{key}' is already registered")
         if not key or "." in key:
@@ -234,10 +254,13 @@ class ExperienceBuffer(nn.Module):
         ``index`` (positional, as in the original) or ``step=`` (as in its documented example).
 
         Raises:
-            RolloutKeyError: unknown key.
+            RolloutKeyError: unknown key (RolloutUnknownKeyError, also an AttributeError, as the
+                original's ``getattr`` raised), or not a string (RolloutKeyTypeError).
             RolloutIndexError: step out of range. RolloutTypeError: step not an integer.
             RolloutValueError: data of a shape that does not broadcast to
-                ``(num_envs, *shape)``, on another device, or with ``requires_grad``.
+                ``(num_envs, *shape)`` (RolloutShapeError, also a RuntimeError, as torch
+                raised), on another device (RolloutDeviceError), overlapping its destination
+                (RolloutOverlapError), or with ``requires_grad``.
         """
         # The hot path of a rollout loop: the common case (a known key, an in-range int step,
         # a tensor matching the cached spec exactly) costs a few compares; anything else takes
@@ -256,6 +279,8 @@ class ExperienceBuffer(nn.Module):
             and data.layout == torch.strided
         ):
             data = self._check_data(key, spec, data, spec.row_shape, "update_data")
+        if data._base is not None or self._view_buffers:  # only a view can share a buffer's memory
+            check_sources((key,), (spec.tensor,), index, (data,), "update_data")
         ops.write_row(spec.tensor, index, data)
         if not spec.written[index]:
             spec.written[index] = 1
@@ -272,7 +297,7 @@ class ExperienceBuffer(nn.Module):
             tensors: a mapping (dict or TensorDict) from registered keys to data.
         """
         if not hasattr(tensors, "items"):
-            raise RolloutTypeError(
+            raise RolloutNotAMappingError(
                 f"update_step: tensors must be a mapping of key -> tensor, received {type(tensors).__name__}"
             )
         if type(index) is not int or not 0 <= index < self.num_steps:
@@ -307,7 +332,17 @@ class ExperienceBuffer(nn.Module):
             # must run when the compiled code runs (Dynamo cannot trace the bytearray writes).
             _update_step_op(dsts, index, srcs, self._token, "\0".join(keys))
             return
-        ops.write_step(dsts, index, srcs)
+        sequential = False
+        for data in srcs:
+            if data._base is not None or self._view_buffers:  # see update_data
+                # Refuses a source overlapping its own destination; one overlapping another
+                # key's would race in one launch: then key by key, as PyTorch's loop does.
+                sequential = check_sources(keys, dsts, index, srcs, "update_step")
+                break
+        if sequential:
+            ops.torch_write_step(dsts, index, srcs)
+        else:
+            ops.write_step(dsts, index, srcs)
         store = self.store_dict
         for key, spec in zip(keys, specs):
             if not spec.written[index]:
@@ -318,6 +353,8 @@ class ExperienceBuffer(nn.Module):
         """Write the whole ``(num_steps, num_envs, *shape)`` buffer of ``key`` and mark every step written."""
         spec = self._spec(key)
         data = self._check_data(key, spec, data, spec.tensor.shape, "batch_update_data")
+        if data._base is not None or self._view_buffers:  # see update_data
+            check_sources((key,), (spec.tensor,), None, (data,), "batch_update_data")
         spec.tensor.copy_(data)
         spec.written[:] = b"\x01" * self.num_steps
         self.store_dict[key] = self.total_sum()
@@ -383,17 +420,21 @@ class ExperienceBuffer(nn.Module):
         if not isinstance(data, Tensor):
             try:
                 # On the host first: a Python number stays a 0-dim CPU tensor, which every
-                # path writes into a device buffer without a host-to-device copy.
-                data = torch.as_tensor(data)
+                # path writes into a device buffer without a host-to-device copy. A Python
+                # float is a double (complex: two): kept in 64 bits, so that the one cast is
+                # the one PyTorch's assignment makes (0.1 into a float64 key stays 0.1, into
+                # a float16 key it is rounded once). ints and bools already are int64 / bool.
+                dtype = _PY_SCALAR_DTYPES.get(type(data))
+                data = torch.as_tensor(data) if dtype is None else torch.tensor(data, dtype=dtype)
                 if data.dim() and data.device != spec.device:
                     data = data.to(spec.device)
             except Exception as exc:
-                raise RolloutTypeError(
+                raise RolloutNotATensorError(
                     f"{key}: {where} expected a tensor ({expected}), received "
                     f"{type(data).__name__} that cannot be converted: {exc}"
                 ) from None
         if data.layout != torch.strided:  # copy_ would fail after other keys were written
-            raise RolloutTypeError(
+            raise RolloutLayoutError(
                 f"{key}: {where} expected a dense tensor ({expected}), received layout "
                 f"{data.layout}: pass data.to_dense()"
             )
@@ -403,7 +444,7 @@ class ExperienceBuffer(nn.Module):
                 f"autograd history: pass data.detach()"
             )
         if data.device != spec.device and not (data.dim() == 0 and data.device.type == "cpu"):
-            raise RolloutValueError(
+            raise RolloutDeviceError(
                 f"{key}: {where} expected data on device {spec.device}, received {data.device}"
             )
         lead = data.dim() - len(shape)
@@ -414,7 +455,7 @@ class ExperienceBuffer(nn.Module):
         except RuntimeError:
             broadcast = False
         if not broadcast:
-            raise RolloutValueError(
+            raise RolloutShapeError(
                 f"{key}: {where} expected data of {expected} (or broadcastable to it), "
                 f"received shape {tuple(data.shape)}"
             )
@@ -477,6 +518,11 @@ class ExperienceBuffer(nn.Module):
         return f"num_envs={self.num_envs}, num_steps={self.num_steps}, device={self._device}, keys=[{keys}]"
 
 
+#: Python scalars whose default tensor dtype (float32, complex64) would round them before the
+#: cast to the key's dtype: a float is written as PyTorch's assignment writes it, from a double.
+_PY_SCALAR_DTYPES = {float: torch.float64, complex: torch.complex128}
+
+
 # torch.compile(fullgraph=True) of a step that calls update_step: the write is one opaque
 # operator that mutates the buffers and, when the compiled code runs, marks the steps on the
 # buffer named by its token. Eager calls skip it: the dispatcher costs 20-70 us per call, more
@@ -489,7 +535,11 @@ _TOKENS = itertools.count(1)
 def _update_step_op(
     dsts: list[Tensor], index: int, srcs: list[Tensor], token: int, keys: str
 ) -> None:
-    ops.write_step(dsts, index, srcs)
+    # The eager path's overlap check, here where the tensors are real (see update_step).
+    if check_sources(keys.split("\0"), dsts, index, srcs, "update_step"):
+        ops.torch_write_step(dsts, index, srcs)
+    else:
+        ops.write_step(dsts, index, srcs)
     buffer = _LIVE_BUFFERS.get(token)
     if buffer is not None:
         buffer._mark_steps(keys.split("\0"), index)
@@ -501,18 +551,20 @@ def _(dsts: list[Tensor], index: int, srcs: list[Tensor], token: int, keys: str)
 
 
 def _normalize_shape(key: str, shape: Any) -> tuple[int, ...]:
-    if _int(shape) is not None:
+    # The classes say what the original raised: torch.zeros refuses a negative size with a
+    # RuntimeError, and a size that is no int (or a shape that is no tuple) with a TypeError.
+    scalar = _int(shape) is not None
+    if scalar:
         shape = (shape,)
     try:
         dims = tuple(_int(d) for d in shape)
     except TypeError:
-        raise RolloutValueError(
+        raise RolloutArgumentTypeError(
             f"{key}: shape must be a tuple of ints, received {shape!r}"
         ) from None
     if any(d is None or d < 0 for d in dims):
-        raise RolloutValueError(
-            f"{key}: shape must be a tuple of non-negative ints, received {shape!r}"
-        )
+        cls = RolloutArgumentTypeError if scalar or None in dims else RolloutShapeError
+        raise cls(f"{key}: shape must be a tuple of non-negative ints, received {shape!r}")
     return dims
 
 

@@ -56,21 +56,27 @@ def torch_flatten(srcs: Sequence[Tensor]) -> list[Tensor]:
 
 
 def torch_gather(
-    srcs: Sequence[Tensor], perm: Tensor, start: int, count: int, wrap: bool = False
+    srcs: Sequence[Tensor],
+    perm: Tensor,
+    start: int,
+    count: int,
+    wrap: bool = False,
+    lengths: Sequence[int] | None = None,
 ) -> list[Tensor]:
-    """``src[perm[start:start+count] % len(src)]`` for every tensor (Python's modulo: never
-    negative).
+    """``src[perm[start:start+count] % length]`` for every tensor (Python's modulo: never
+    negative), ``length`` its entry of ``lengths`` (default: its own length; never more).
 
     ``index_select`` rather than fancy indexing: on CPU it ran several times faster on the same
-    rows (see bench/). Tensors as long as the permutation skip the modulo unless ``wrap`` says
-    its entries may lie outside ``[0, len(perm))`` (a permutation assigned by the caller);
+    rows (see bench/). Tensors whose length is the permutation's skip the modulo unless ``wrap``
+    says its entries may lie outside ``[0, len(perm))`` (a permutation assigned by the caller);
     shorter ones share one modulo per distinct length.
     """
     idx = perm[start : start + count]
     by_len: dict[int, Tensor] = {} if wrap else {perm.shape[0]: idx}
+    if lengths is None:
+        lengths = [src.shape[0] for src in srcs]
     outs = []
-    for src in srcs:
-        length = src.shape[0]
+    for src, length in zip(srcs, lengths):
         i = by_len.get(length)
         if i is None:
             i = by_len[length] = torch.remainder(idx, length)
@@ -142,16 +148,23 @@ def flatten(srcs: Sequence[Tensor]) -> list[Tensor]:
 
 
 def gather(
-    srcs: Sequence[Tensor], perm: Tensor, start: int, count: int, wrap: bool = False
+    srcs: Sequence[Tensor],
+    perm: Tensor,
+    start: int,
+    count: int,
+    wrap: bool = False,
+    lengths: Sequence[int] | None = None,
 ) -> list[Tensor]:
     """Rows ``perm[start:start+count]`` (modulo each tensor's length) of every tensor.
 
     ``wrap``: the entries of ``perm`` may lie outside ``[0, len(perm))``; every tensor then
     takes them modulo its length (Python's modulo), full-length ones included.
+    ``lengths``: the length to take the modulo by, per tensor (``DictDataset`` passes the
+    lengths it recorded when it was built); each at most the tensor's own length.
     """
     if backend.use_triton(perm.device):
         from . import kernels
 
         srcs = [_bytes_of(s) for s in srcs]
-        return kernels.permuted_gather(srcs, perm, start, count, wrap)
-    return torch_gather(srcs, perm, start, count, wrap)
+        return kernels.permuted_gather(srcs, perm, start, count, wrap, lengths)
+    return torch_gather(srcs, perm, start, count, wrap, lengths)

@@ -680,24 +680,43 @@ def test_dict_dataset_permutation_is_on_the_data_device_and_reproducible_with_a_
         assert torch.equal(a[i]["x"], b[i]["x"])
 
 
-def test_dict_dataset_draws_with_torchs_global_rng_not_numpys():
+def test_dict_dataset_shuffles_with_numpys_global_rng_and_leaves_torchs_alone():
+    """Without a generator the permutation is np.random.permutation(n), as the original drew it:
+    NumPy's seed decides it, torch's global RNG (actions, replay sampling) is not touched."""
     data = {"x": torch.arange(64)}
     np_state = np.random.get_state()
     try:
         with torch.random.fork_rng(devices=[]):
+            np.random.seed(1)
+            expected = np.random.permutation(64)
             torch.manual_seed(5)
             np.random.seed(1)
+            torch_state = torch.get_rng_state()
             first = DictDataset(8, data, shuffle=True).shuffled_to_original
-            torch.manual_seed(5)
-            np.random.seed(2)
-            same_torch_seed = DictDataset(8, data, shuffle=True).shuffled_to_original
+            assert torch.equal(torch.get_rng_state(), torch_state)
             torch.manual_seed(6)
             np.random.seed(1)
             other_torch_seed = DictDataset(8, data, shuffle=True).shuffled_to_original
+            torch.manual_seed(5)
+            np.random.seed(2)
+            other_numpy_seed = DictDataset(8, data, shuffle=True).shuffled_to_original
     finally:
         np.random.set_state(np_state)
-    assert torch.equal(first, same_torch_seed)
-    assert not torch.equal(first, other_torch_seed)
+    assert first.dtype == torch.int64 and first.dim() == 1 and first.device == data["x"].device
+    assert first.tolist() == expected.tolist()
+    assert torch.equal(first, other_torch_seed)
+    assert not torch.equal(first, other_numpy_seed)
+
+
+def test_dict_dataset_with_a_generator_leaves_both_global_rngs_alone():
+    data = {"x": torch.arange(64)}
+    np_state = np.random.get_state()
+    torch_state = torch.get_rng_state()
+    dataset = DictDataset(8, data, shuffle=True, generator=torch.Generator().manual_seed(0))
+    dataset.shuffle()
+    assert torch.equal(torch.get_rng_state(), torch_state)
+    after = np.random.get_state()
+    assert np.array_equal(after[1], np_state[1]) and after[2] == np_state[2]
 
 
 def test_dict_dataset_shuffle_draws_a_new_permutation():

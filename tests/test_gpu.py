@@ -6,6 +6,7 @@ import json
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -117,13 +118,16 @@ def _epoch(buf, w, sources, generator):
     return batches
 
 
-def test_no_host_sync_in_a_full_epoch():
+@pytest.mark.parametrize("use_generator", [True, False], ids=["generator", "numpy-shuffle"])
+def test_no_host_sync_in_a_full_epoch(use_generator):
+    # numpy-shuffle: the default shuffle draws on the host (as the original did) and copies
+    # the permutation through pinned memory, non-blocking: no synchronization either.
     w = _workload("locomotion")
     buf = ExperienceBuffer(w["num_envs"], w["num_steps"], device="cuda")
     for k, (s, d) in _keys(w).items():
         buf.register_key(k, shape=s, dtype=d)
     sources = {k: rand((w["num_envs"], *s), d) for k, (s, d) in _keys(w).items()}
-    gen = torch.Generator(device="cuda")
+    gen = torch.Generator(device="cuda") if use_generator else None
     with use_backend("triton"):
         _epoch(buf, w, sources, gen)  # warm-up: compiles the kernels, builds the tables
         torch.cuda.synchronize()
@@ -239,3 +243,20 @@ def test_an_assigned_device_permutation_with_entries_outside_the_range_wraps():
     ds.shuffled_to_original = torch.tensor([5, 6, 7, -1], device="cuda")
     assert ds[0]["a"].tolist() == [1, 2] and ds[0]["s"].tolist() == [12, 10]
     assert ds[1]["a"].tolist() == [3, 3] and ds[1]["s"].tolist() == [11, 12]
+
+
+def test_the_default_shuffle_copies_numpys_permutation_through_pinned_memory():
+    state = np.random.get_state()
+    try:
+        np.random.seed(4)
+        expected = np.random.permutation(4096)
+        np.random.seed(4)
+        dataset = DictDataset(512, {"x": torch.arange(4096, device="cuda")}, shuffle=True)
+    finally:
+        np.random.set_state(state)
+    assert dataset._pinned is not None and dataset._pinned.is_pinned()
+    perm = dataset.shuffled_to_original
+    assert perm.device.type == "cuda" and perm.dtype == torch.int64
+    with use_backend("triton"):
+        ids = torch.cat([batch["x"] for batch in dataset])
+    assert ids.cpu().tolist() == expected.tolist() == perm.cpu().tolist()

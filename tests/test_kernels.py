@@ -268,3 +268,20 @@ def test_keys_with_rows_of_no_bytes_launch_nothing_for_them():
     outs = permuted_gather(flat, perm, 7, 7)
     for out, ref in zip(outs, ops.torch_gather(flat, perm, 7, 7), strict=True):
         assert out.shape == ref.shape and torch.equal(out, ref)
+
+
+def test_permuted_gather_takes_the_modulo_by_the_given_lengths_and_refuses_one_past_the_end():
+    # DictDataset passes the lengths it recorded when built: a key since replaced by a longer
+    # tensor is reduced modulo its old length; a length past a tensor's end is refused.
+    n = 8
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(5))
+    srcs = [rand((n, 3), torch.float32), rand((12,), torch.int64), rand((n + 4, 2), torch.uint8)]
+    lengths = [n, 5, n]  # the second: recorded 5, now 12 rows; the third: longer, not reduced
+    for start, count in ((0, 4), (4, 4)):
+        outs = permuted_gather(srcs, perm, start, count, False, lengths)
+        refs = ops.torch_gather(srcs, perm, start, count, False, lengths)
+        for out, ref, src, length in zip(outs, refs, srcs, lengths, strict=True):
+            want = src[torch.remainder(perm[start : start + count], length)]
+            assert torch.equal(out, ref) and torch.equal(out, want)
+    with pytest.raises(IndexError, match="13"):
+        permuted_gather(srcs, perm, 0, 4, False, [n, 13, n])

@@ -12,7 +12,7 @@ from collections.abc import Iterator, Mapping
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT
+from conftest import ROOT, bits
 
 import rollout_buffers
 from rollout_buffers import (
@@ -41,12 +41,62 @@ def _kernel_device() -> str:
 
 def test_dataset_reads_tensor_dict_edited_after_construction():
     x = torch.arange(4)
-    dataset = DictDataset(4, {"x": x})
+    dataset = DictDataset(4, {"x": x, "y": torch.arange(4) + 100})
     dataset.tensor_dict["x"] = x * 10  # e.g. advantages re-normalized in place of the old key
-    dataset.tensor_dict["y"] = torch.arange(4) + 100
     batch = dataset[0]
     assert torch.equal(batch["x"], torch.tensor([0, 10, 20, 30]))
     assert torch.equal(batch["y"], torch.tensor([100, 101, 102, 103]))
+    del dataset.tensor_dict["y"]  # the original iterated the current dict: y is gone
+    assert list(dataset[0]) == ["x"]
+
+
+@pytest.mark.parametrize("name", ["torch", "triton"])
+def test_dataset_fixes_each_keys_length_when_built_like_the_original(name):
+    # Issue 10, point 3: the original recorded {key: len(tensor)} in __init__.
+    if name == "triton":
+        _kernel_device()
+    with use_backend(name):
+        d = {"a": torch.arange(8), "b": torch.arange(4) + 100}
+        ds = DictDataset(4, d)
+        assert ds[1]["b"].tolist() == [100, 101, 102, 103]
+        d["b"] = torch.arange(8) + 200  # longer now: still taken modulo 4
+        assert ds[1]["b"].tolist() == [200, 201, 202, 203]
+        assert ds[0]["b"].tolist() == [200, 201, 202, 203]
+        d["a"] = torch.arange(16) + 50  # longer than num_tensors: rows 0..7 only, no modulo
+        assert ds[1]["a"].tolist() == [54, 55, 56, 57] and len(ds) == 2
+        d["c"] = torch.arange(8)
+        with pytest.raises(KeyError, match="'c'") as info:
+            ds[0]
+        assert isinstance(info.value, rollout_buffers.RolloutKeyError)
+        del d["c"]
+        d["b"] = torch.arange(3)  # shorter than its recorded 4: a kernel would read past it
+        with pytest.raises(IndexError, match=r"'b'.* 3 rows.* 4") as info:
+            ds[0]
+        assert isinstance(info.value, rollout_buffers.RolloutIndexError)
+        d["b"] = torch.zeros(4, device="meta")
+        with pytest.raises(rollout_buffers.RolloutDeviceError, match="meta"):
+            ds[0]
+        d["b"] = torch.arange(4) + 300  # back to a valid tensor: batches work again
+        assert ds[1]["b"].tolist() == [300, 301, 302, 303]
+
+
+def test_dataset_checks_tensor_dict_again_only_when_a_key_or_tensor_changed(monkeypatch):
+    d = {"a": torch.arange(8), "b": torch.arange(4)}
+    ds = DictDataset(4, d)
+    calls = []
+    real = DictDataset._recorded_length
+    monkeypatch.setattr(
+        DictDataset, "_recorded_length", lambda self, k, v: calls.append(k) or real(self, k, v)
+    )
+    for _ in range(3):
+        ds[0], ds[1]
+    assert calls == []  # nothing changed since the dataset was built
+    d["b"] = torch.arange(4) * 2
+    ds[0], ds[1], ds[0]
+    assert calls == ["a", "b"]  # once, for the new tensor_dict
+    d.pop("a")
+    d["a"] = torch.arange(8)  # the same keys in another order
+    assert list(ds[0]) == ["b", "a"] and calls == ["a", "b", "b", "a"]
 
 
 def test_dataset_shuffle_draws_the_permutation_on_the_data_device():
@@ -486,3 +536,168 @@ def test_an_assigned_permutation_with_entries_outside_the_range_wraps_like_the_o
             assert ds[1]["a"].tolist() == [3, 3] and ds[1]["s"].tolist() == [11, 12]
             ds.shuffle()  # a drawn permutation needs no wrap
             assert sorted(torch.cat([b["a"] for b in ds]).tolist()) == [0, 1, 2, 3]
+
+
+# -- A source that overlaps its destination (issue 10, point 5) ---------------------------------
+
+
+def _overlap_buffer(device: str, shape=()) -> ExperienceBuffer:
+    buf = ExperienceBuffer(4, 2, device=device)
+    buf.register_key("x", shape)
+    numel = 8 * max(1, int(np.prod(shape)))
+    buf.batch_update_data("x", torch.arange(float(numel), device=device).view(2, 4, *shape))
+    return buf
+
+
+def _device_of(name: str) -> str:
+    return _kernel_device() if name == "triton" else "cpu"
+
+
+@pytest.mark.parametrize("name", ["torch", "triton"])
+def test_a_source_overlapping_its_destination_is_refused_before_anything_is_written(name):
+    device = _device_of(name)
+    with use_backend(name):
+        buf = _overlap_buffer(device)
+        before = buf.x.clone()
+        for call in (
+            lambda: buf.update_data("x", 0, buf.x.view(-1)[1:5]),  # the issue's repro
+            lambda: buf.update_step(0, {"x": buf.x.view(-1)[3:7]}),
+            lambda: buf.update_data("x", 1, buf.x.view(-1)[::2]),  # strided: torch lets it race
+            lambda: buf.batch_update_data("x", buf.x.view(4, 2).t()),  # same bytes, transposed
+        ):
+            with pytest.raises(RuntimeError, match="overlaps its destination.*clone") as info:
+                call()
+            assert isinstance(info.value, rollout_buffers.RolloutOverlapError)
+            assert isinstance(info.value, ValueError) and "'x'" in str(info.value)
+            assert torch.equal(buf.x, before)
+        square = ExperienceBuffer(3, 2, device=device)
+        square.register_key("x", (3,))
+        square.batch_update_data("x", torch.arange(18.0, device=device).view(2, 3, 3))
+        kept = square.x.clone()
+        with pytest.raises(rollout_buffers.RolloutOverlapError):
+            square.update_data("x", 0, square.x[0].t())  # the issue's N=3, shape (3,) repro
+        assert torch.equal(square.x, kept)
+
+
+@pytest.mark.parametrize("name", ["torch", "triton"])
+def test_sources_torch_accepts_from_the_buffer_itself_are_written_as_torch_writes_them(name):
+    device = _device_of(name)
+    with use_backend(name):
+        buf = _overlap_buffer(device)
+        ref = buf.x.clone()
+        buf.update_data("x", 0, buf.x[0])  # the destination itself: nothing changes
+        buf.batch_update_data("x", buf.x)
+        buf.update_data("x", 1, buf.x[0])  # another step: no overlap
+        ref[1] = ref[0]
+        buf.update_data("x", 0, buf.x[0, 2])  # one element, broadcast: read before written
+        ref[0] = ref[0, 2].clone()
+        buf.update_step(1, {"x": buf.x[1, 3:]})
+        ref[1] = ref[1, 3:].clone()
+        assert torch.equal(buf.x, ref)
+
+
+@pytest.mark.parametrize("name", ["torch", "triton"])
+def test_update_step_with_a_source_that_is_another_keys_destination_writes_in_order(
+    name, monkeypatch
+):
+    # One fused launch would read b's source (a's step region) while it writes a's step (a
+    # race on a GPU; the interpreter runs programs in order and cannot show it): the call then
+    # runs key by key, as PyTorch's loop does: b gets a's new values.
+    device = _device_of(name)
+    launches = []
+    if name == "triton":
+        import rollout_buffers.kernels as kernels
+
+        real = kernels.step_write
+        monkeypatch.setattr(
+            kernels, "step_write", lambda *a: launches.append(len(a[0])) or real(*a)
+        )
+    with use_backend(name):
+        buf = ExperienceBuffer(4, 2, device=device)
+        buf.register_key("a")
+        buf.register_key("b")
+        buf.batch_update_data("a", torch.full((2, 4), 7.0, device=device))
+        new_a = torch.arange(4.0, device=device)
+        buf.update_step(0, {"a": new_a, "b": buf.a[0]})
+        assert buf.a[0].tolist() == buf.b[0].tolist() == [0.0, 1.0, 2.0, 3.0]
+        buf.update_step(1, {"b": buf.a[1], "a": new_a + 10})  # b first: a's old values
+        assert buf.b[1].tolist() == [7.0] * 4 and buf.a[1].tolist() == [10.0, 11.0, 12.0, 13.0]
+        assert launches == []  # no fused launch for either call
+        buf.update_step(1, {"b": buf.a[0], "a": new_a})  # a view of a's other step: no overlap
+        assert buf.b[1].tolist() == [0.0, 1.0, 2.0, 3.0]
+    assert launches == ([2] if name == "triton" else [])
+
+
+@pytest.mark.parametrize("name", ["torch", "triton"])
+def test_a_buffer_replaced_by_a_view_is_checked_against_sources_that_are_not_views(name):
+    device = _device_of(name)
+    with use_backend(name):
+        big = torch.arange(16.0, device=device)
+        buf = ExperienceBuffer(4, 2, device=device)
+        buf.register_key("x")
+        buf.x = big[2:10].view(2, 4)  # a view of big, contiguous: accepted as the buffer
+        with pytest.raises(rollout_buffers.RolloutOverlapError):
+            buf.update_data("x", 0, big[:4])
+        with pytest.raises(rollout_buffers.RolloutOverlapError):
+            buf.update_data("x", 0, _not_a_view_of(big, 1, 4))
+        assert torch.equal(big, torch.arange(16.0, device=device))
+        buf.update_data("x", 1, _not_a_view_of(big, 12, 4))  # disjoint from the buffer
+        assert big[6:10].tolist() == [12.0, 13.0, 14.0, 15.0]
+
+
+def _not_a_view_of(base: torch.Tensor, offset: int, size: int) -> torch.Tensor:
+    """A tensor that shares ``base``'s memory without being a view of it (``_base`` is None)."""
+    t = torch.empty(0, dtype=base.dtype, device=base.device)
+    t.set_(base.untyped_storage(), offset, (size,), (1,))
+    assert t._base is None
+    return t
+
+
+def test_compiled_update_step_refuses_an_overlapping_source():
+    # The check runs inside the operator, on the tensors it is given. (Under AOTAutograd's
+    # functionalization, backend="aot_eager", the operator writes into a copy of the buffer:
+    # nothing aliases then, and the source is read whole before the write.)
+    torch._dynamo.reset()
+    buf = _overlap_buffer("cpu")
+    before = buf.x.clone()
+
+    def step(b, src):
+        b.update_step(0, {"x": src})
+
+    compiled = torch.compile(step, fullgraph=True, backend="eager")
+    with pytest.raises(RuntimeError, match="overlaps its destination"):
+        compiled(buf, buf.x.view(-1)[1:5])
+    assert torch.equal(buf.x, before)
+
+
+# -- Python scalars are written as PyTorch's assignment writes them (issue 10, point 6) ---------
+
+# 0.1 and 1/3 lose bits in float32 (a float64 key showed it); the two sums are ties once
+# rounded to float32, so a float16 / bfloat16 result depends on the rounding path: it must be
+# PyTorch's (its assignment converts a double to half through float: 1.0 for both).
+_SCALARS = [0.1, 1 / 3, 1 + 2**-11 + 2**-40, 1 + 2**-8 + 2**-40, -2.5e-8, 3, 2**53 + 1, True]
+
+
+@pytest.mark.parametrize("name", ["torch", "triton"])
+@pytest.mark.parametrize(
+    "dtype",
+    [torch.float64, torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.bool],
+    ids=str,
+)
+def test_a_python_scalar_is_written_as_pytorch_assignment_writes_it(dtype, name):
+    device = _device_of(name)
+    with use_backend(name):
+        buf = ExperienceBuffer(3, 2, device=device)
+        buf.register_key("v", dtype=dtype)
+        for value in _SCALARS:
+            ref = torch.zeros(2, 3, dtype=dtype, device=device)
+            ref[0] = value
+            ref[1] = value
+            buf.update_data("v", 0, value)
+            buf.update_step(1, {"v": value})
+            assert torch.equal(bits(buf.v), bits(ref)), (value, buf.v, ref)
+            buf.batch_update_data("v", value)
+            assert torch.equal(bits(buf.v), bits(ref)), (value, buf.v, ref)
+    if dtype == torch.float64:  # the issue's example, spelled out
+        buf.update_data("v", 0, 0.1)
+        assert buf.v[0, 0].item() == 0.1
