@@ -24,6 +24,8 @@ __all__ = [
     "torch_write_step",
     "torch_flatten",
     "torch_gather",
+    "gather_chunks",
+    "torch_gather_chunks",
 ]
 
 
@@ -81,6 +83,35 @@ def torch_gather(
         if i is None:
             i = by_len[length] = torch.remainder(idx, length)
         outs.append(torch.index_select(src, 0, i))
+    return outs
+
+
+def torch_gather_chunks(
+    srcs: Sequence[Tensor],
+    first_step: Sequence[bool],
+    ids: Tensor,
+    start: int,
+    count: int,
+    seq: int,
+) -> list[Tensor]:
+    """Chunks of ``seq`` consecutive steps of time-major storages ``(T, N, *shape)``.
+
+    Chunk id ``c = ids[start + b]`` is env ``c // nc``, chunk ``c % nc`` (``nc = T // seq``):
+    ``out[k][s, b] = srcs[k][(c % nc) * seq + s, c // nc]``, shape ``(seq, count, *shape)``; a
+    key of ``first_step`` gets only ``s = 0``, shape ``(1, count, *shape)``.
+    """
+    ids = ids[start : start + count]
+    t, n = srcs[0].shape[:2]
+    nc = t // seq
+    env = torch.div(ids, nc, rounding_mode="floor")
+    step0 = (ids - env * nc) * seq  # (count,)
+    steps = step0[None, :] + torch.arange(seq, device=ids.device)[:, None]  # (seq, count)
+    flat = steps * n + env[None, :]  # row of the (T * N, *shape) view
+    outs = []
+    for src, first in zip(srcs, first_step, strict=True):
+        rows = src.reshape(t * n, *src.shape[2:])
+        idx = flat[:1] if first else flat
+        outs.append(torch.index_select(rows, 0, idx.reshape(-1)).view(*idx.shape, *src.shape[2:]))
     return outs
 
 
@@ -168,3 +199,26 @@ def gather(
         srcs = [_bytes_of(s) for s in srcs]
         return kernels.permuted_gather(srcs, perm, start, count, wrap, lengths)
     return torch_gather(srcs, perm, start, count, wrap, lengths)
+
+
+def gather_chunks(
+    srcs: Sequence[Tensor],
+    first_step: Sequence[bool],
+    ids: Tensor,
+    start: int,
+    count: int,
+    seq: int,
+) -> list[Tensor]:
+    """:func:`torch_gather_chunks` of every storage, one launch on CUDA (the gather kernel's
+    ``CHUNKS`` mode, straight from the ``(T, N, ...)`` storages: no copy first)."""
+    if backend.use_triton(ids.device):
+        from . import kernels
+
+        srcs = [_bytes_of(s) for s in srcs]
+        k = len(srcs)
+        g = kernels.gatherer(
+            srcs, [kernels.CHUNKS] * k, [0] * k, ids.shape[0], count, seq=seq,
+            first_step=first_step,
+        )  # fmt: skip
+        return g(ids, start)
+    return torch_gather_chunks(srcs, first_step, ids, start, count, seq)

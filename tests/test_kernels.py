@@ -285,3 +285,43 @@ def test_permuted_gather_takes_the_modulo_by_the_given_lengths_and_refuses_one_p
             assert torch.equal(out, ref) and torch.equal(out, want)
     with pytest.raises(IndexError, match="13"):
         permuted_gather(srcs, perm, 0, 4, False, [n, 13, n])
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_gather_of_chunks_matches_torch(dtype):
+    # Sequences of seq steps from (T, N, *shape) storage: odd seq, strided and narrow rows,
+    # chunks that cross the kernels' row tiles, first-step keys (hidden states).
+    t, n, seq = 6, 5, 3
+    nc = t // seq
+    srcs = [rand((t, n, *shape), dtype) for shape in key_shapes(dtype)]
+    srcs.append(rand((t, 2 * n, 4), dtype)[:, ::2])  # env-strided storage
+    first = [i % 3 == 1 for i in range(len(srcs))]
+    ids = torch.randperm(n * nc)
+    for start, count in ((0, 4), (4, 6), (9, 1)):
+        g = K.gatherer(srcs, [K.CHUNKS] * len(srcs), [0] * len(srcs), n * nc, count, seq=seq,
+                       first_step=first)  # fmt: skip
+        outs = g(ids, start)
+        refs = ops.torch_gather_chunks(srcs, first, ids, start, count, seq)
+        for out, ref, f in zip(outs, refs, first, strict=True):
+            assert out.is_contiguous() and out.shape == ref.shape
+            assert out.shape[:2] == ((1 if f else seq), count)
+            assert torch.equal(out, ref)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_gather_env_major_from_time_major_storage_matches_flatten_then_gather(dtype):
+    # Row r of the env-major flattening is storage[r % T, r // T]: gathering it straight from
+    # the storage gives what flattening first and gathering after gives, modulo lengths included.
+    srcs = [rand((T, N, *shape), dtype) for shape in key_shapes(dtype)]
+    srcs.append(rand((T, 2 * N, 3), dtype)[:, 1::2])  # env-strided, misaligned
+    flat = ops.torch_flatten(srcs)
+    n = T * N
+    short = rand((5, 2), dtype)  # a plain key, shorter: modulo
+    perm = torch.randperm(n)
+    k = len(srcs)
+    for start, count in ((0, 7), (7, 7), (14, 7)):
+        g = K.gatherer(srcs + [short], [K.ENV_MAJOR] * k + [K.ROWS], [n] * k + [5], n, count)
+        outs = g(perm, start)
+        refs = ops.torch_gather(flat + [short], perm, start, count)
+        for out, ref in zip(outs, refs, strict=True):
+            assert out.is_contiguous() and torch.equal(out, ref)
