@@ -254,13 +254,6 @@ def _hooks_idle() -> bool:
     )
 
 
-def _cuda_device_calls():
-    c = torch._C
-    if hasattr(c, "_cuda_getDevice") and hasattr(c, "_cuda_exchangeDevice"):
-        return c._cuda_getDevice, c._cuda_exchangeDevice, c._cuda_getCurrentRawStream
-    return None
-
-
 class LaunchPlan:
     """One kernel launch with a fixed grid and fixed constexprs, replayed without Triton's binder.
 
@@ -303,20 +296,20 @@ class LaunchPlan:
             run(self.grid, 1, 1, self.stream(driver.active.get_current_device()), self.function,
                 self.meta, None, None, None, *args, *self.tail)  # fmt: skip
             return True
-        get, exchange, stream = _CUDA
-        prev = get()
+        # torch's own C entry points (what Triton's driver calls too), looked up per call so
+        # that they follow whatever torch._C holds: launch on the tensors' device and its
+        # current stream, whatever the current device is.
+        c = torch._C
+        prev = c._cuda_getDevice()
         if prev != dev:
-            exchange(dev)
+            c._cuda_exchangeDevice(dev)
         try:
-            run(self.grid, 1, 1, stream(dev), self.function, self.meta, None, None, None,
-                *args, *self.tail)  # fmt: skip
+            run(self.grid, 1, 1, c._cuda_getCurrentRawStream(dev), self.function, self.meta,
+                None, None, None, *args, *self.tail)  # fmt: skip
         finally:
             if prev != dev:
-                exchange(prev)
+                c._cuda_exchangeDevice(prev)
         return True
-
-
-_CUDA = _cuda_device_calls()
 
 
 def device_guard_index(index: int | None):
