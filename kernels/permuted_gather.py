@@ -216,7 +216,8 @@ class Gatherer:
         self.shapes = []
         for s, m, d, f in zip(srcs, modes, lead, first, strict=True):
             tail = tuple(s.shape[d:])
-            self.shapes.append((count, *tail) if m != CHUNKS else ((1 if f else seq), count, *tail))
+            shape = (count, *tail) if m != CHUNKS else ((1 if f else seq), count, *tail)
+            self.shapes.append((shape, s.dtype))
         self.device = srcs[0].device
         self.nb, self.seq = count, seq
         self.nc = next((s.shape[0] // seq for s, m in zip(srcs, modes) if m == CHUNKS), 1)
@@ -225,8 +226,7 @@ class Gatherer:
     def __call__(self, perm: Tensor, start: int) -> list[Tensor]:
         """Gather minibatch ``perm[start:start + count]`` (``CHUNKS``: chunk ids)."""
         dev = self.device
-        outs = [torch.empty(shape, dtype=s.dtype, device=dev)
-                for shape, s in zip(self.shapes, self.srcs)]  # fmt: skip
+        outs = [torch.empty(shape, dtype=dtype, device=dev) for shape, dtype in self.shapes]
         if not self.grid:
             return outs
         ptrs = [o.data_ptr() for o in outs]

@@ -107,7 +107,8 @@ class StepWriter:
             storage stays where it is for the writer's life (the buffer's own tensors).
     """
 
-    __slots__ = ("dsts", "table", "tptr", "info", "grid", "plans", "device", "complex", "_aligned")
+    __slots__ = ("dsts", "table", "tptr", "info", "grid", "plans", "device", "complex",
+                 "_aligned")  # fmt: skip
 
     def __init__(self, dsts: Sequence[Tensor]) -> None:
         self.dsts = tuple(dsts)
@@ -145,6 +146,24 @@ class StepWriter:
                     return
         if self.grid:
             self._general(index, srcs)
+
+    exact = True  # sources must have the destinations' dtype and row shape
+
+    def dense(self, index: int, srcs: Sequence[Tensor]) -> None:
+        """:meth:`__call__` for sources the caller checked: each contiguous, of its
+        destination's dtype and row shape, and no view (so no lazy sign flag either)."""
+        hit = self._aligned
+        if hit is not None:
+            ptrs = [s.data_ptr() for s in srcs]
+            acc = 0
+            for p in ptrs:
+                acc |= p
+            if not acc & 15:
+                plan, s_us = hit
+                if not plan.direct(self.tptr, tuple(ptrs), s_us, index):
+                    plan.generic(self.table, tuple(srcs), s_us, index)
+                return
+        self(index, srcs)
 
     def _general(self, index: int, srcs: Sequence[Tensor]) -> None:
         args, layout, wbs, flats, i32s, s_us = [], [], [], [], [], []

@@ -109,7 +109,7 @@ class Flattener:
             two dims (rows that are not dense are made contiguous first).
     """
 
-    __slots__ = ("srcs", "table", "tptr", "cx", "grid", "device", "plans")
+    __slots__ = ("srcs", "table", "tptr", "cx", "grid", "device", "outs", "plans")
 
     def __init__(self, srcs: Sequence[Tensor]) -> None:
         srcs = [s if s.is_contiguous() or dense_rows(s, 2) else s.contiguous() for s in srcs]
@@ -119,13 +119,12 @@ class Flattener:
         self.table, (self.cx, self.grid), _ = cached_table(key, lambda: _build(srcs))
         self.tptr = self.table.data_ptr()
         self.device = srcs[0].device
+        self.outs = [((s.shape[0] * s.shape[1], *s.shape[2:]), s.dtype) for s in srcs]
         self.plans: dict[int, LaunchPlan] = {}
 
     def __call__(self) -> list[Tensor]:
-        outs = [
-            torch.empty((s.shape[0] * s.shape[1], *s.shape[2:]), dtype=s.dtype, device=s.device)
-            for s in self.srcs
-        ]
+        dev = self.device
+        outs = [torch.empty(shape, dtype=dtype, device=dev) for shape, dtype in self.outs]
         if not self.grid:
             return outs
         ptrs = [o.data_ptr() for o in outs]

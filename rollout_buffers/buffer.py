@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import operator
 import weakref
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -10,7 +11,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from . import ops
+from . import backend, ops
+from . import flatdict as _flat
 from ._index import as_index
 from ._index import int_or_none as _int
 from ._index import positive_int as _positive_int
@@ -78,7 +80,7 @@ class _Spec:
     that object (``.to()``, ``.half()``, reassignment) the spec is rebuilt from the new one.
     """
 
-    __slots__ = ("tensor", "row_shape", "dtype", "device", "written")
+    __slots__ = ("tensor", "row_shape", "dtype", "device", "written", "steps")
 
     def __init__(self, tensor: Tensor, written: bytearray) -> None:
         self.tensor = tensor
@@ -86,6 +88,32 @@ class _Spec:
         self.dtype = tensor.dtype
         self.device = tensor.device
         self.written = written  # written[step] == 1 once the step was written since the reset
+        # One view per step, made once: update_data writes steps[t].copy_(x), one operator
+        # where `tensor[t] = x` is two (select, then copy_), each a dispatch on the host.
+        self.steps = ops.step_views(tensor)
+
+
+class _StepPlan:
+    """update_step's prepared write of one tuple of keys: the destinations, what a source must
+    be to take the fast path (shape, dtype, device; contiguous, not a view), the backend's
+    writer, and the step bookkeeping. Valid while the backend and every buffer tensor are
+    those it was built with (update_step checks both on every call)."""
+
+    __slots__ = ("keys", "dsts", "shapes", "dtypes", "device", "writer", "marks", "epoch")
+
+    def __init__(self, keys: tuple, specs: Sequence[_Spec]) -> None:
+        self.keys = keys
+        self.dsts = tuple(s.tensor for s in specs)
+        self.shapes = tuple(s.row_shape for s in specs)
+        self.dtypes = tuple(s.dtype for s in specs)
+        self.device = specs[0].device
+        self.writer = ops.step_writer(self.dsts)
+        self.marks = tuple((k, s.written) for k, s in zip(keys, specs))
+        self.epoch = backend.epoch
+
+
+_STRIDED = torch.strided
+_is = operator.is_
 
 
 class ExperienceBuffer(nn.Module):
@@ -140,6 +168,13 @@ class ExperienceBuffer(nn.Module):
         # Set once a buffer was replaced by a view of another tensor: a source that is no view
         # may then share its memory, so every write checks for an overlap (see _overlap).
         self._view_buffers = False
+        # update_step's prepared writes, by the tuple of keys a call writes (see _StepPlan).
+        self._step_plans: dict[tuple, _StepPlan] = {}
+        # The FlatDicts make_dict/get_dict handed out that still hold unread values: copied
+        # before the storages are written again (copy-on-write).
+        self._lender = _flat.Lender()
+        # get_dict's prepared flatten: (keys, storages, flattener, backend epoch).
+        self._dict_plan: tuple | None = None
         self._register_token()
 
     def _register_token(self) -> None:
@@ -148,8 +183,20 @@ class ExperienceBuffer(nn.Module):
         self._token = next(_TOKENS)
         _LIVE_BUFFERS[self._token] = self
 
+    def __getstate__(self) -> dict:
+        # Prepared launches and lent mappings belong to this object and its storages: a copy
+        # (deepcopy, pickle, torch.save) starts without them.
+        state = super().__getstate__()
+        state = dict(state)
+        for name in ("_step_plans", "_lender", "_dict_plan"):
+            state.pop(name, None)
+        return state
+
     def __setstate__(self, state: dict) -> None:  # copy.deepcopy, pickle, torch.load
         super().__setstate__(state)
+        self._step_plans = {}
+        self._lender = _flat.Lender()
+        self._dict_plan = None
         self._register_token()
 
     # -- state ---------------------------------------------------------------------------------
@@ -165,7 +212,12 @@ class ExperienceBuffer(nn.Module):
 
     def _apply(self, fn, *args, **kwargs):  # type: ignore[override]
         # .to() / .cuda() / .cpu() go through here: follow the move so that keys registered
-        # afterwards land next to the others. Specs rebuild lazily (see _spec).
+        # afterwards land next to the others. Specs rebuild lazily (see _spec). A FlatDict
+        # handed out before sees the rollout as it was: its unread values are copied first.
+        if self._lender.refs:
+            self._lender.settle()
+        self._step_plans.clear()
+        self._dict_plan = None
         out = super()._apply(fn, *args, **kwargs)
         self._device = fn(torch.empty(0, device=self._device)).device
         return out
@@ -263,25 +315,40 @@ class ExperienceBuffer(nn.Module):
                 (RolloutOverlapError), or with ``requires_grad``.
         """
         # The hot path of a rollout loop: the common case (a known key, an in-range int step,
-        # a tensor matching the cached spec exactly) costs a few compares; anything else takes
-        # the slow path that validates in full and explains.
+        # a tensor of the key's row shape and device, of its dtype or one PyTorch casts, not a
+        # view) costs a few compares; anything else takes the slow path that validates in full
+        # and explains. One key: PyTorch's own copy (ops.write_row), the cheapest on the host.
         spec = self._specs.get(key) if type(key) is str else None
         if spec is None or self._buffers[key] is not spec.tensor:
             spec = self._spec(key)
         if step is not None or type(index) is not int or not 0 <= index < self.num_steps:
             index = self._step_index(key, index, step)
+        if self._lender.refs:
+            self._lender.settle()
         if not (
             type(data) is Tensor
             and data.shape == spec.row_shape
-            and data.dtype == spec.dtype
             and data.device == spec.device
             and not data.requires_grad
-            and data.layout == torch.strided
+            and data.layout is _STRIDED
+            and data._base is None
+            and not self._view_buffers
+            and (data.dtype is spec.dtype or not data.is_complex())
         ):
             data = self._check_data(key, spec, data, spec.row_shape, "update_data")
-        if data._base is not None or self._view_buffers:  # only a view can share a buffer's memory
-            check_sources((key,), (spec.tensor,), index, (data,), "update_data")
-        ops.write_row(spec.tensor, index, data)
+            if data._base is not None or self._view_buffers:  # only views can share memory
+                check_sources((key,), (spec.tensor,), index, (data,), "update_data")
+            if backend._backend != "triton":
+                # Not of the row's shape: PyTorch's assignment, whose broadcasting rules
+                # (leading 1s dropped, one element filled) are what update_data promises.
+                spec.tensor[index] = data
+                data = None
+        if data is None:
+            pass
+        elif backend._backend == "triton":
+            ops.write_row(spec.tensor, index, data)
+        else:  # a single key: PyTorch's own copy costs the host least, on every device
+            spec.steps[index].copy_(data)
         if not spec.written[index]:
             spec.written[index] = 1
             self.store_dict[key] += index + 1
@@ -296,6 +363,46 @@ class ExperienceBuffer(nn.Module):
             index: the step to write, ``0 <= index < num_steps`` (negative counts from the end).
             tensors: a mapping (dict or TensorDict) from registered keys to data.
         """
+        # The hot path: a dict of the keys of an earlier call replays that call's prepared
+        # write (see _StepPlan) after a few compares per key; anything else takes
+        # _update_step_slow, which validates in full, converts and explains.
+        plan = self._step_plans.get(tuple(tensors)) if type(tensors) is dict else None
+        if (
+            plan is not None
+            and plan.epoch == backend.epoch
+            and not self._lender.refs
+            and not self._view_buffers
+            and all(map(_is, map(self._buffers.__getitem__, plan.keys), plan.dsts))
+        ):
+            if type(index) is not int or not 0 <= index < self.num_steps:
+                index = self._step_index("update_step", index, None)
+            srcs = list(tensors.values())
+            dev = plan.device
+            try:
+                for data, shape, dtype in zip(srcs, plan.shapes, plan.dtypes):
+                    if not (
+                        type(data) is Tensor
+                        and data.shape == shape
+                        and data.dtype is dtype
+                        and data.device == dev
+                        and not data.requires_grad
+                        and data._base is None
+                        and data.is_contiguous()  # raises for a sparse layout
+                    ):
+                        break
+                else:
+                    plan.writer.dense(index, srcs)
+                    store = self.store_dict
+                    for key, written in plan.marks:
+                        if not written[index]:
+                            written[index] = 1
+                            store[key] += index + 1
+                    return
+            except RuntimeError:
+                pass
+        self._update_step_slow(index, tensors)
+
+    def _update_step_slow(self, index: Any, tensors: Any) -> None:
         if not hasattr(tensors, "items"):
             raise RolloutNotAMappingError(
                 f"update_step: tensors must be a mapping of key -> tensor, received {type(tensors).__name__}"
@@ -303,20 +410,15 @@ class ExperienceBuffer(nn.Module):
         if type(index) is not int or not 0 <= index < self.num_steps:
             index = self._step_index("update_step", index, None)
         keys, specs, dsts, srcs = [], [], [], []
-        all_specs, buffers = self._specs, self._buffers
-        # The same per-key fast path as update_data, inlined in both: a shared helper costs a
-        # call per key on the hottest line of a rollout loop.
         for key, data in tensors.items():
-            spec = all_specs.get(key) if type(key) is str else None
-            if spec is None or buffers[key] is not spec.tensor:
-                spec = self._spec(key)
+            spec = self._spec(key)
             if not (
                 type(data) is Tensor
                 and data.shape == spec.row_shape
-                and data.dtype == spec.dtype
+                and data.dtype is spec.dtype
                 and data.device == spec.device
                 and not data.requires_grad
-                and data.layout == torch.strided
+                and data.layout is _STRIDED
             ):
                 data = self._check_data(key, spec, data, spec.row_shape, "update_step")
             keys.append(key)
@@ -332,6 +434,8 @@ class ExperienceBuffer(nn.Module):
             # must run when the compiled code runs (Dynamo cannot trace the bytearray writes).
             _update_step_op(dsts, index, srcs, self._token, "\0".join(keys))
             return
+        if self._lender.refs:
+            self._lender.settle()
         sequential = False
         for data in srcs:
             if data._base is not None or self._view_buffers:  # see update_data
@@ -342,19 +446,49 @@ class ExperienceBuffer(nn.Module):
         if sequential:
             ops.torch_write_step(dsts, index, srcs)
         else:
-            ops.write_step(dsts, index, srcs)
+            plan = self._step_plan(tuple(keys), specs) if len(set(keys)) == len(keys) else None
+            if plan is None:
+                ops.write_step(dsts, index, srcs)
+            else:
+                writer = plan.writer
+                if writer.exact:
+                    srcs = [ops.as_source(d, x) for d, x in zip(dsts, srcs)]
+                writer(index, srcs)
         store = self.store_dict
         for key, spec in zip(keys, specs):
             if not spec.written[index]:
                 spec.written[index] = 1
                 store[key] += index + 1
 
+    def _step_plan(self, keys: tuple, specs: list) -> _StepPlan:
+        """The prepared write of ``keys`` (built once per tuple of keys and backend)."""
+        plan = self._step_plans.get(keys)
+        if (
+            plan is None
+            or plan.epoch != backend.epoch
+            or any(p is not s.tensor for p, s in zip(plan.dsts, specs))
+        ):
+            if len(self._step_plans) >= 64:
+                self._step_plans.clear()
+            plan = self._step_plans[keys] = _StepPlan(keys, specs)
+        return plan
+
     def batch_update_data(self, key: str, data: Any) -> None:
         """Write the whole ``(num_steps, num_envs, *shape)`` buffer of ``key`` and mark every step written."""
         spec = self._spec(key)
-        data = self._check_data(key, spec, data, spec.tensor.shape, "batch_update_data")
+        if not (
+            type(data) is Tensor
+            and data.shape == spec.tensor.shape
+            and data.dtype is spec.dtype
+            and data.device == spec.device
+            and not data.requires_grad
+            and data.layout is _STRIDED
+        ):
+            data = self._check_data(key, spec, data, spec.tensor.shape, "batch_update_data")
         if data._base is not None or self._view_buffers:  # see update_data
             check_sources((key,), (spec.tensor,), None, (data,), "batch_update_data")
+        if self._lender.refs:
+            self._lender.settle()
         spec.tensor.copy_(data)
         spec.written[:] = b"\x01" * self.num_steps
         self.store_dict[key] = self.total_sum()
@@ -384,6 +518,8 @@ class ExperienceBuffer(nn.Module):
 
         names = (rewards, values, next_values, dones, advantages, returns)
         r, v, nv, d, adv, ret = (self._spec(k).tensor for k in names)
+        if self._lender.refs:
+            self._lender.settle()
         for key, out in ((advantages, adv), (returns, ret)):
             if out.shape[2:].numel() != v.shape[2:].numel() or out.dtype != v.dtype:
                 raise RolloutValueError(
@@ -480,7 +616,12 @@ class ExperienceBuffer(nn.Module):
 
         Returns:
             ``{key: swap_and_flatten01(buffer)}``: each ``(num_envs * num_steps, *shape)``,
-            env-major (row ``env * num_steps + step``), new tensors.
+            env-major (row ``env * num_steps + step``). A :class:`~rollout_buffers.FlatDict`:
+            a ``dict`` whose values are made when first read (all at once, in one launch),
+            bit-identical to the eager copies, and which a ``DictDataset`` reads straight from
+            the buffer without making them. Writing the buffer again through its API first
+            copies whatever is unread (copy-on-write). ``set_lazy_make_dict(False)`` returns
+            the eager copies in a plain dict instead.
 
         Raises:
             RolloutValueError: a key has missing steps; the message starts with
@@ -504,10 +645,28 @@ class ExperienceBuffer(nn.Module):
 
     def get_dict(self) -> dict[str, Tensor]:
         """The flattened rollout like :meth:`make_dict`, without the check and without a reset."""
-        keys = list(self._specs)
-        if not keys:
-            return {}
-        return dict(zip(keys, ops.flatten([self._spec(k).tensor for k in keys])))
+        plan = self._dict_plan
+        if (
+            plan is None
+            or plan[3] != backend.epoch
+            or len(plan[0]) != len(self._specs)
+            or not all(map(_is, map(self._buffers.get, plan[0]), plan[1]))
+        ):
+            keys = tuple(self._specs)
+            if not keys:
+                return {}
+            storages = tuple(self._spec(k).tensor for k in keys)
+            plan = self._dict_plan = (keys, storages, ops.flattener(storages), backend.epoch)
+        keys, storages, flatten_all, _ = plan
+        if not _flat.lazy_make_dict():
+            return dict(zip(keys, flatten_all()))
+        d = _flat.FlatDict(keys, storages, flatten_all, self._flatten, self._lender.release)
+        self._lender.lend(d)
+        return d
+
+    def _flatten(self, storages: list[Tensor]) -> list[Tensor]:
+        """swap_and_flatten01 of some of this buffer's storages, in one launch."""
+        return ops.flattener(storages)()
 
     def extra_repr(self) -> str:
         # The module's buffers, not the cached specs: those rebuild lazily after .to()/.half().

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from . import ops
+from . import backend, ops
 from ._index import as_index
 from ._index import positive_int as _positive_int
 from .errors import (
@@ -24,6 +24,7 @@ from .errors import (
     RolloutValueError,
     RolloutZeroDivisionError,
 )
+from .flatdict import FlatDict
 
 __all__ = ["DictDataset"]
 
@@ -73,13 +74,12 @@ class DictDataset(Dataset):
             )
         device = None
         lengths: dict[Any, int] = {}
-        values: list[Tensor] = []
-        for key, value in tensor_dict.items():
+        for key, value, rows, _ in _sources(tensor_dict):
             if not isinstance(value, Tensor):
                 raise RolloutTypeError(
                     f"{key}: DictDataset expected a tensor, received {type(value).__name__}"
                 )
-            if value.dim() == 0 or value.shape[0] == 0:
+            if value.dim() == 0 or rows == 0:
                 # The original's len() of a 0-dim tensor raised a TypeError; no rows at all it
                 # accepted, and failed on the first batch.
                 raise (RolloutArgumentTypeError if value.dim() == 0 else RolloutValueError)(
@@ -98,8 +98,7 @@ class DictDataset(Dataset):
                     f"{key}: every tensor must be on one device: '{first}' is on {device}, "
                     f"'{key}' is on {value.device}"
                 )
-            lengths[key] = value.shape[0]
-            values.append(value)
+            lengths[key] = rows
         if not lengths:  # not len(tensor_dict): a TensorDict's len() is its batch size
             raise RolloutValueError(
                 "DictDataset: tensor_dict is empty; pass at least one key -> tensor"
@@ -137,12 +136,12 @@ class DictDataset(Dataset):
         self._perm_checked: Tensor | None = self.shuffled_to_original
         self._wrap = False  # the permutation may hold entries outside [0, num_tensors)
         self._pinned: Tensor | None = None  # the host side of an asynchronous copy in flight
-        # Each key's length, fixed now as the original fixed it; and the (key, tensor) objects
-        # the last batch read, so that a batch re-validates only when tensor_dict changed.
+        # Each key's length, fixed now as the original fixed it; and the gather prepared for
+        # the tensor_dict the last batch read (its keys and tensors, or a FlatDict's state),
+        # so that a batch re-validates and re-prepares only when tensor_dict changed.
         self._lengths = lengths
-        self._seen_keys: list = list(lengths)
-        self._seen_values: list[Tensor] = values
-        self._seen_lengths: list[int] = list(lengths.values())
+        self._plan: _Plan | None = None
+        self._prepare(tensor_dict)
         if shuffle:
             self.shuffle()
 
@@ -218,28 +217,45 @@ class DictDataset(Dataset):
         if perm is not self._perm_checked:  # assigned from outside since the last batch
             perm = self._adopt_permutation(perm)
         # Read tensor_dict on every call, as the original did: code that edits it in place after
-        # building the dataset (re-normalized advantages, say) gets what it wrote.
+        # building the dataset (re-normalized advantages, say) gets what it wrote. The prepared
+        # gather is reused while tensor_dict holds the same keys and tensors.
         td = self.tensor_dict
-        keys, srcs = list(td.keys()), list(td.values())
-        lengths = self._seen_lengths
-        if not (
-            len(srcs) == len(self._seen_values)
-            and all(map(operator.is_, srcs, self._seen_values))
-            and all(map(operator.is_, keys, self._seen_keys))
-        ):
-            lengths = self._recorded_lengths(keys, srcs)
-        start = index * self.batch_size
-        outs = ops.gather(srcs, perm, start, self.batch_size, self._wrap, lengths)
-        return dict(zip(keys, outs))
+        plan = self._plan
+        if type(td) is FlatDict:
+            if plan is None or plan.source is not td or plan.state != td._state:
+                plan = self._prepare(td)
+            if td._pending:
+                td._check_fresh()  # a pending value written behind the API's back: refuse
+        else:
+            keys = tuple(td)
+            values = list(td.values())
+            if (
+                plan is None
+                or plan.keys != keys
+                or len(values) != len(plan.values)
+                or not all(map(operator.is_, values, plan.values))
+            ):
+                plan = self._prepare(td)
+        if plan.epoch != backend.epoch or plan.wrap != self._wrap:
+            plan.ready(self)
+        outs = plan.gather(perm, index * self.batch_size)
+        return dict(zip(plan.keys, outs))
 
-    def _recorded_lengths(self, keys: list, srcs: list) -> list[int]:
-        """The length each key had when the dataset was built, for the current ``tensor_dict``
-        (which changed since the last batch); every key and tensor checked again, once."""
-        lengths = [self._recorded_length(key, value) for key, value in zip(keys, srcs)]
-        self._seen_keys, self._seen_values, self._seen_lengths = keys, srcs, lengths
-        return lengths
+    def _prepare(self, td: Any) -> _Plan:
+        """Validate the current ``tensor_dict`` against the recorded lengths and prepare its
+        gather: plain tensors by rows, a FlatDict's pending values straight from the buffer's
+        ``(T, N, ...)`` storages (no flattened copy), all in one launch on CUDA."""
+        keys, srcs, modes, lengths = [], [], [], []
+        for key, value, rows, pending in _sources(td):
+            length = self._recorded_length(key, value, rows)
+            keys.append(key)
+            srcs.append(value)
+            modes.append(ops.ENV_MAJOR if pending else ops.ROWS)
+            lengths.append(length)
+        plan = self._plan = _Plan(tuple(keys), srcs, modes, lengths, td)
+        return plan
 
-    def _recorded_length(self, key: Any, value: Any) -> int:
+    def _recorded_length(self, key: Any, value: Any, rows: int) -> int:
         length = self._lengths.get(key)
         if length is None:
             raise RolloutKeyError(
@@ -251,8 +267,8 @@ class DictDataset(Dataset):
             raise RolloutTypeError(
                 f"{key}: DictDataset expected a tensor, received {type(value).__name__}"
             )
-        if value.dim() == 0 or value.shape[0] < length:
-            rows = "no dim 0" if value.dim() == 0 else f"{value.shape[0]} rows"
+        if value.dim() == 0 or rows < length:
+            rows = "no dim 0" if value.dim() == 0 else f"{rows} rows"
             raise RolloutIndexError(
                 f"{key}: tensor_dict[{key!r}] now has {rows}, fewer than the {length} it had "
                 f"when the dataset was built; its rows are taken modulo {length}, as the "
@@ -273,6 +289,44 @@ class DictDataset(Dataset):
     def __iter__(self) -> Iterator[dict[str, Tensor]]:
         for i in range(len(self)):
             yield self[i]
+
+
+class _Plan:
+    """What a dataset prepared for one state of its ``tensor_dict``: the keys and sources it
+    validated, and their gather for the current backend and permutation kind (built at the
+    first batch, rebuilt when either changes)."""
+
+    __slots__ = ("keys", "values", "modes", "lengths", "source", "state", "gather", "wrap",
+                 "epoch")  # fmt: skip
+
+    def __init__(self, keys: tuple, values: list, modes: list, lengths: list, source: Any):
+        self.keys, self.values, self.modes, self.lengths = keys, values, modes, lengths
+        self.source = source
+        self.state = source._state if type(source) is FlatDict else None
+        self.gather = None
+        self.wrap = None
+        self.epoch = -1
+
+    def ready(self, ds: DictDataset) -> None:
+        self.gather = ops.gatherer(
+            self.values, self.modes, self.lengths, ds.num_tensors, ds.batch_size, ds._wrap
+        )
+        self.wrap, self.epoch = ds._wrap, backend.epoch
+
+
+def _sources(td: Any) -> list[tuple[Any, Any, int, bool]]:
+    """``(key, tensor, rows, pending)`` of a tensor_dict, without materializing a FlatDict: its
+    pending values are their ``(T, N, ...)`` storages, of ``T * N`` rows."""
+    if type(td) is FlatDict:
+        return [
+            (k, v, v.shape[0] * v.shape[1], True) if pending else (k, v, v.shape[0], False)
+            for k, v, pending in td._sources()
+        ]
+    out = []
+    for key, value in td.items():
+        rows = value.shape[0] if isinstance(value, Tensor) and value.dim() else 0
+        out.append((key, value, rows, False))
+    return out
 
 
 def _same_device(a: torch.device, b: torch.device) -> bool:

@@ -17,6 +17,13 @@ from torch import Tensor
 from . import backend
 
 __all__ = [
+    "step_views",
+    "step_writer",
+    "flattener",
+    "gatherer",
+    "as_source",
+    "ROWS",
+    "ENV_MAJOR",
     "write_step",
     "write_row",
     "flatten",
@@ -145,6 +152,125 @@ def _as_source(dst: Tensor, src: Tensor) -> Tensor:
     return _bytes_of(src)
 
 
+def as_source(dst: Tensor, src: Tensor) -> Tensor:
+    """``src`` made what a kernel writer takes for step rows of ``dst``: ``dst``'s dtype, device
+    and row shape (a cast or an expand where PyTorch's assignment would make one)."""
+    return _as_source(dst, src)
+
+
+def _kernels_for(t: Tensor) -> bool:
+    # is_cuda first: it settles the common CPU case for a fraction of use_triton's cost.
+    return (t.is_cuda or backend._backend == "triton") and backend.use_triton(t.device)
+
+
+def step_views(t: Tensor) -> tuple[Tensor, ...]:
+    """``t[i]`` for every ``i``, made once (``copy_`` into a prebuilt view is one operator on the
+    host; ``t[i] = x`` is two). Made outside inference mode, so that writes through them work
+    in and out of it, as writes into ``t`` itself do."""
+    with torch.inference_mode(False):
+        return t.unbind(0)
+
+
+class _TorchStepWriter:
+    """The PyTorch step write of fixed destinations: ``dsts[k][index] = srcs[k]``."""
+
+    exact = False  # takes any source PyTorch's assignment takes (casts, broadcasts)
+    __slots__ = ("dsts", "steps")
+
+    def __init__(self, dsts: Sequence[Tensor]) -> None:
+        self.dsts = tuple(dsts)
+        self.steps = [step_views(d) for d in dsts]
+
+    def __call__(self, index: int, srcs: Sequence[Tensor]) -> None:
+        torch_write_step(self.dsts, index, srcs)
+
+    def dense(self, index: int, srcs: Sequence[Tensor]) -> None:
+        """Sources of exactly the rows' shape: ``copy_`` into prebuilt step views (what
+        ``dst[t] = x`` does for a source of the row's shape, minus its ``select``)."""
+        for steps, src in zip(self.steps, srcs):
+            steps[index].copy_(src)
+
+
+def step_writer(dsts: Sequence[Tensor]):
+    """A writer of one step of fixed destinations ``(T, N, *shape)``, for the current backend:
+    ``writer(index, srcs)``, and ``writer.dense(index, srcs)`` for contiguous sources that are no
+    views. A writer with ``exact`` set (the Triton one) takes sources of exactly the
+    destinations' dtype and row shape (see :func:`as_source`)."""
+    if _kernels_for(dsts[0]):
+        from . import kernels
+
+        return kernels.step_writer(dsts)
+    return _TorchStepWriter(dsts)
+
+
+def flattener(srcs: Sequence[Tensor]):
+    """``f()``: :func:`flatten` of fixed sources, prepared for the current backend."""
+    if backend.use_triton(srcs[0].device):
+        from . import kernels
+
+        return kernels.flattener([_bytes_of(s) for s in srcs])
+    srcs = tuple(srcs)
+    return lambda: torch_flatten(srcs)
+
+
+ROWS, ENV_MAJOR = 0, 1  # how a gather source is indexed (the kernels' modes of the same name)
+
+
+class _TorchGatherer:
+    """The PyTorch minibatch gather of fixed sources (see :func:`gatherer`)."""
+
+    __slots__ = ("srcs", "count", "n", "wrap")
+
+    def __init__(self, srcs, modes, lengths, n: int, count: int, wrap: bool) -> None:
+        items = []
+        for s, mode, length in zip(srcs, modes, lengths, strict=True):
+            if mode == ENV_MAJOR:  # rows of the (T * N, ...) time-major view, re-indexed
+                t, e = s.shape[:2]
+                items.append((s.reshape(t * e, *s.shape[2:]), length, t, e))
+            else:
+                items.append((s, length, 0, 0))
+        self.srcs, self.n, self.count, self.wrap = items, n, count, wrap
+
+    def __call__(self, perm: Tensor, start: int) -> list[Tensor]:
+        idx = perm[start : start + self.count]
+        rows: dict[tuple, Tensor] = {}
+        outs = []
+        for src, length, t, e in self.srcs:
+            i = rows.get((length, t))
+            if i is None:
+                i = idx if length == self.n and not self.wrap else torch.remainder(idx, length)
+                if (
+                    t
+                ):  # env-major row r of a (T, N) storage is its time-major row (r % T) * N + r // T
+                    i = torch.remainder(i, t) * e + torch.div(i, t, rounding_mode="floor")
+                rows[(length, t)] = i
+            outs.append(torch.index_select(src, 0, i))
+        return outs
+
+
+def gatherer(
+    srcs: Sequence[Tensor],
+    modes: Sequence[int],
+    lengths: Sequence[int],
+    n: int,
+    count: int,
+    wrap: bool = False,
+):
+    """``g(perm, start)``: the minibatch ``perm[start:start + count]`` of fixed sources, prepared
+    for the current backend (one launch on CUDA).
+
+    A ``ROWS`` source ``(L, *shape)`` gives its rows ``perm % length``; an ``ENV_MAJOR`` source
+    is a time-major storage ``(T, N, *shape)`` read as its env-major flattening (row ``r`` is
+    ``storage[r % T, r // T]``), with no flattened copy. The modulo is taken when ``length < n``
+    or ``wrap`` (Python's modulo); ``lengths`` never exceed a source's rows.
+    """
+    if backend.use_triton(srcs[0].device):
+        from . import kernels
+
+        return kernels.gatherer([_bytes_of(s) for s in srcs], modes, lengths, n, count, wrap)
+    return _TorchGatherer(srcs, modes, lengths, n, count, wrap)
+
+
 def write_step(dsts: Sequence[Tensor], index: int, srcs: Sequence[Tensor]) -> None:
     """Write ``srcs[k]`` into step ``index`` of ``dsts[k]`` (buffers shaped ``(T, N, *shape)``)."""
     d0 = dsts[0]
@@ -159,9 +285,10 @@ def write_step(dsts: Sequence[Tensor], index: int, srcs: Sequence[Tensor]) -> No
 
 
 def write_row(dst: Tensor, index: int, src: Tensor) -> None:
-    """:func:`write_step` for one key (``update_data``): the same kernel on CUDA, and on the
-    PyTorch path a bare assignment, without building sequences for one element."""
-    if (dst.is_cuda or backend.get_backend() == "triton") and backend.use_triton(dst.device):
+    """:func:`write_step` for one key (``update_data``). Under ``auto`` a bare assignment on
+    every device: for one key, PyTorch's own copy costs the host less than any Triton launch
+    (~3 us against ~5-8 us). Backend ``triton`` runs the step-write kernel."""
+    if backend._backend == "triton" and backend.use_triton(dst.device):
         from . import kernels
 
         kernels.step_write((dst,), index, (_as_source(dst, src),))

@@ -114,10 +114,13 @@ def interpreted_kernels():
 #: through one of these, looked up on the module at call time, so replacing the attribute is
 #: seen by every hot path. If the launchers move, change this table, nothing else.
 KERNEL_LAUNCHERS = (
-    ("rollout_buffers.kernels", "step_write"),
-    ("rollout_buffers.kernels", "transpose_flatten"),
-    ("rollout_buffers.kernels", "permuted_gather"),
-    ("rollout_buffers.kernels.gae", "gae"),
+    # (module, object, attribute, name recorded): the prepared launchers the library calls
+    # (built once, called per step / flatten / minibatch) and the GAE launcher.
+    ("rollout_buffers.kernels.step_write", "StepWriter", "__call__", "step_write"),
+    ("rollout_buffers.kernels.step_write", "StepWriter", "dense", "step_write"),
+    ("rollout_buffers.kernels.transpose_flatten", "Flattener", "__call__", "transpose_flatten"),
+    ("rollout_buffers.kernels.permuted_gather", "Gatherer", "__call__", "permuted_gather"),
+    ("rollout_buffers.kernels.gae", None, "gae", "gae"),
 )
 
 
@@ -125,20 +128,27 @@ KERNEL_LAUNCHERS = (
 def kernel_calls(monkeypatch):
     """A list that records, in order, the name of every kernel launcher called during the test.
 
-    Each launcher of :data:`KERNEL_LAUNCHERS` is wrapped (the real one still runs), so a test
-    can tell whether a call reached the Triton kernels or silently fell back to PyTorch. Call
-    ``kernel_calls.clear()`` between the operations to check them one at a time. Skips where
-    triton does not import.
+    Each launcher of :data:`KERNEL_LAUNCHERS` is wrapped (the real one still runs; a launcher
+    called from inside another counts once), so a test can tell whether a call reached the
+    Triton kernels or silently fell back to PyTorch. Call ``kernel_calls.clear()`` between the
+    operations to check them one at a time. Skips where triton does not import.
     """
     pytest.importorskip("triton")
     calls: list[str] = []
-    for module_name, name in KERNEL_LAUNCHERS:
+    depth = [0]
+    for module_name, owner_name, attr, name in KERNEL_LAUNCHERS:
         module = importlib.import_module(module_name)
-        real = getattr(module, name)
+        owner = module if owner_name is None else getattr(module, owner_name)
+        real = getattr(owner, attr)
 
         def spy(*args, _real=real, _name=name, **kwargs):
-            calls.append(_name)
-            return _real(*args, **kwargs)
+            if not depth[0]:
+                calls.append(_name)
+            depth[0] += 1
+            try:
+                return _real(*args, **kwargs)
+            finally:
+                depth[0] -= 1
 
-        monkeypatch.setattr(module, name, spy)
+        monkeypatch.setattr(owner, attr, spy)
     return calls

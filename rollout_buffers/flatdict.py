@@ -1,0 +1,385 @@
+"""FlatDict: what ``make_dict()`` and ``get_dict()`` return, the flattened rollout without the copy.
+
+A ``dict`` (``isinstance(d, dict)`` holds) of ``{key: swap_and_flatten01(buffer.<key>)}``,
+env-major ``(num_envs * num_steps, *shape)``, whose values are produced when one is first read:
+the first read of any value flattens every value still pending, in one launch, into new
+tensors bit-identical to the eager copy. Until then the mapping holds only the buffer's
+``(num_steps, num_envs, ...)`` storages, and ``DictDataset`` gathers its minibatches straight
+from them (env-major row ``r`` is ``storage[r % T, r // T]``), so an epoch that only reads
+minibatches never materializes the flattened rollout.
+
+Every way of reading a value goes through the materialization: ``d[k]``, ``get``, ``items()``,
+``values()``, iteration then indexing, ``pop``, ``popitem``, ``setdefault``, ``copy()``,
+``dict(d)``, ``{**d}``, ``d | other``, ``==``, ``repr``, pickling (a FlatDict pickles as a plain
+dict). Keys the caller adds or replaces are plain values.
+
+Two promises keep the values what the eager copy would have been:
+
+- **Copy-on-write.** Before the buffer is written again through its API (``update_data``,
+  ``update_step``, ``batch_update_data``, ``compute_gae``, ``.to()``), every FlatDict it handed
+  out that still has pending values and is still referenced somewhere is materialized first. A
+  FlatDict nobody refers to any more costs nothing.
+- **Writes that bypass the API are caught.** Each pending value remembers its storage's
+  version counter (``tensor._version``, bumped by every in-place write); reading a value whose
+  storage was written since (``buffer.obs[...] = x``, ``buffer.obs.mul_(2)``) raises
+  :class:`StaleRolloutError` naming the key, never returns the new data. A write through a raw
+  pointer or from another process does not bump the counter and cannot be detected.
+
+The eager behaviour (a plain dict of copies) comes back with :func:`set_lazy_make_dict` or the
+environment variable ``ROLLOUT_BUFFERS_LAZY_MAKE_DICT=0``.
+"""
+
+from __future__ import annotations
+
+import operator
+import os
+import weakref
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+from torch import Tensor
+
+from .errors import RolloutValueError
+
+__all__ = ["FlatDict", "StaleRolloutError", "lazy_make_dict", "set_lazy_make_dict"]
+
+_ENV = "ROLLOUT_BUFFERS_LAZY_MAKE_DICT"
+_lazy = os.environ.get(_ENV, "1").strip().lower() not in ("0", "false", "no", "off", "")
+
+
+def lazy_make_dict() -> bool:
+    """Whether ``make_dict()``/``get_dict()`` return a lazy :class:`FlatDict` (the default)."""
+    return _lazy
+
+
+def set_lazy_make_dict(lazy: bool) -> None:
+    """``False``: ``make_dict()``/``get_dict()`` return a plain dict of flattened copies, as the
+    original did (the copy is made at once). ``True`` (default): a :class:`FlatDict`."""
+    global _lazy
+    _lazy = bool(lazy)
+
+
+class StaleRolloutError(RolloutValueError, RuntimeError):
+    """A pending value of a :class:`FlatDict` whose buffer was written behind the API's back."""
+
+
+class _Pending:
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "<pending>"
+
+
+PENDING = _Pending()
+_MISSING = object()
+_version = operator.attrgetter("_version")
+
+
+class FlatDict(dict):
+    """The flattened rollout of ``make_dict()``/``get_dict()``: a dict whose values are made
+    when first read (see the module docstring).
+
+    Built by :class:`~rollout_buffers.ExperienceBuffer`; not meant to be constructed directly.
+    Once every value is made it behaves (and reads at the speed of) a plain dict.
+    """
+
+    def __init__(
+        self,
+        keys: Sequence[str],
+        storages: Sequence[Tensor],
+        flatten_all: Callable[[], list[Tensor]],
+        flatten: Callable[[list[Tensor]], list[Tensor]],
+        release: Callable[[FlatDict], None] | None = None,
+    ) -> None:
+        dict.__init__(self, dict.fromkeys(keys, PENDING))
+        # The pending values: their keys, (T, N, ...) storages and those storages' versions
+        # when handed out (in-place writes bump a tensor's version).
+        self._pkeys = list(keys)
+        self._pstorages = list(storages)
+        self._pversions = list(map(_version, storages))
+        self._flatten_all = flatten_all  # prepared for exactly the storages above, all pending
+        self._nall = len(self._pkeys)
+        self._flatten = flatten
+        self._release = release
+        # Bumped whenever what a value is made of changes (materialized, set, deleted): a
+        # DictDataset compares it to know whether its prepared gather still applies.
+        self._state = 0
+
+    @property
+    def _pending(self) -> list:
+        return self._pkeys
+
+    # -- what DictDataset reads without materializing ----------------------------------------
+
+    def _sources(self) -> list[tuple[str, Tensor, bool]]:
+        """``(key, tensor, pending)`` in order: the ``(T, N, ...)`` storage of a pending value,
+        else the value itself. Raises :class:`StaleRolloutError` for a stale pending value."""
+        self._check_fresh()
+        pend = dict(zip(self._pkeys, self._pstorages))
+        return [(k, pend[k], True) if k in pend else (k, v, False) for k, v in dict.items(self)]
+
+    def _check_fresh(self) -> None:
+        """Raise :class:`StaleRolloutError` if a pending value was written behind the API's
+        back; a few attribute reads when none was (a dataset calls it for every minibatch)."""
+        if list(map(_version, self._pstorages)) != self._pversions:
+            self._check_versions()
+
+    def _stale(self) -> list[str]:
+        return [
+            k for k, st, v in zip(self._pkeys, self._pstorages, self._pversions) if st._version != v
+        ]
+
+    def _check_versions(self, keys: Sequence[str] | None = None) -> None:
+        """Raise :class:`StaleRolloutError` if a pending value (of ``keys``, default all) was
+        written behind the API's back."""
+        for key in self._stale():
+            if keys is None or key in keys:
+                raise StaleRolloutError(
+                    f"{key}: the rollout of '{key}' was written after this mapping was handed "
+                    f"out, bypassing ExperienceBuffer's API (buffer.{key}[...] = ..., or an "
+                    f"in-place op on buffer.{key}); its flattened value would not be what "
+                    f"make_dict() returned. Read the values before writing the buffer that way, "
+                    f"write through update_data/update_step/batch_update_data (which copy "
+                    f"unread values first), or call rollout_buffers.set_lazy_make_dict(False)"
+                )
+
+    # -- materialization -----------------------------------------------------------------------
+
+    def materialize(self) -> None:
+        """Flatten every pending value now, in one launch (a no-op when none is pending).
+
+        A value whose storage was written behind the API's back is left pending: reading it
+        raises :class:`StaleRolloutError`; the others are made as usual.
+        """
+        keys = self._pkeys
+        if not keys:
+            return
+        storages = self._pstorages
+        if list(map(_version, storages)) == self._pversions:
+            outs = self._flatten_all() if len(keys) == self._nall else self._flatten(storages)
+            dict.update(self, zip(keys, outs))
+            self._pkeys, self._pstorages, self._pversions = [], [], []
+        else:
+            stale = set(self._stale())
+            fresh = [i for i, k in enumerate(keys) if k not in stale]
+            if fresh:
+                outs = self._flatten([storages[i] for i in fresh])
+                dict.update(self, zip([keys[i] for i in fresh], outs))
+            keep = [i for i, k in enumerate(keys) if k in stale]
+            self._pkeys = [keys[i] for i in keep]
+            self._pstorages = [storages[i] for i in keep]
+            self._pversions = [self._pversions[i] for i in keep]
+        self._state += 1
+        if self._release is not None:
+            self._release(self)
+        if not self._pkeys:
+            # Every value made: from now on a plain dict (C-speed reads), still a FlatDict for
+            # isinstance, holding no reference to the buffer any more.
+            self.__dict__.clear()
+            self.__class__ = _Made
+
+    def _ready(self, keys: Sequence[Any] | None = None) -> None:
+        """Materialize, then refuse a read of a stale value (of ``keys``; default: any)."""
+        self.materialize()
+        if type(self) is FlatDict and self._pkeys:
+            self._check_versions(keys)
+
+    def _forget(self, key: Any) -> None:
+        if key in self._pkeys:
+            i = self._pkeys.index(key)
+            del self._pkeys[i], self._pstorages[i], self._pversions[i]
+            if not self._pkeys and self._release is not None:
+                self._release(self)
+        self._state += 1
+
+    # -- reads: every one materializes first ---------------------------------------------------
+
+    def __getitem__(self, key: Any) -> Any:
+        if self._pkeys:
+            self._ready((key,))
+        return dict.__getitem__(self, key)
+
+    def get(self, key: Any, default: Any = None) -> Any:
+        if self._pkeys:
+            self._ready((key,))
+        return dict.get(self, key, default)
+
+    def values(self):  # type: ignore[override]
+        if self._pkeys:
+            self._ready()
+        return dict.values(self)
+
+    def items(self):  # type: ignore[override]
+        if self._pkeys:
+            self._ready()
+        return dict.items(self)
+
+    def __iter__(self) -> Iterator:
+        # Overridden (it only yields keys) so that dict(d), {**d} and d | other take the path
+        # that reads values through __getitem__, not CPython's raw copy of the slots.
+        return dict.__iter__(self)
+
+    def pop(self, key: Any, default: Any = _MISSING) -> Any:
+        if self._pkeys:
+            self._ready((key,))
+        if type(self) is FlatDict:
+            self._state += 1
+        if default is _MISSING:
+            return dict.pop(self, key)
+        return dict.pop(self, key, default)
+
+    def popitem(self) -> tuple:
+        if self._pkeys:
+            self._ready()
+        if type(self) is FlatDict:
+            self._state += 1
+        return dict.popitem(self)
+
+    def setdefault(self, key: Any, default: Any = None) -> Any:
+        if self._pkeys:
+            self._ready((key,))
+        if type(self) is FlatDict:
+            self._state += 1
+        return dict.setdefault(self, key, default)
+
+    def copy(self) -> dict:
+        """A plain dict of the (materialized) values."""
+        if self._pkeys:
+            self._ready()
+        return dict(dict.items(self))
+
+    __copy__ = copy
+
+    def __deepcopy__(self, memo: dict) -> dict:
+        import copy
+
+        return copy.deepcopy(self.copy(), memo)
+
+    def __reduce__(self):  # pickle, torch.save: a plain dict of the values
+        return (dict, (self.copy(),))
+
+    def __eq__(self, other: object) -> bool:
+        if self._pkeys:
+            self._ready()
+        if type(other) is FlatDict and other._pkeys:
+            other._ready()
+        return dict.__eq__(self, other)
+
+    def __ne__(self, other: object) -> bool:
+        eq = self.__eq__(other)
+        return eq if eq is NotImplemented else not eq
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __or__(self, other: Any) -> Any:
+        if not isinstance(other, dict):
+            return NotImplemented
+        out = self.copy()
+        out.update(other)
+        return out
+
+    def __ror__(self, other: Any) -> Any:
+        if not isinstance(other, dict):
+            return NotImplemented
+        out = dict(other)
+        out.update(self.copy())
+        return out
+
+    def __repr__(self) -> str:
+        if self._pkeys:
+            self._ready()
+        return dict.__repr__(self)
+
+    # -- writes: the caller's values are plain ---------------------------------------------------
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        self._forget(key)
+        dict.__setitem__(self, key, value)
+
+    def __delitem__(self, key: Any) -> None:
+        dict.__delitem__(self, key)
+        self._forget(key)
+
+    def update(self, *args: Any, **kwargs: Any) -> None:
+        for k, v in dict(*args, **kwargs).items():
+            self[k] = v
+
+    def __ior__(self, other: Any) -> FlatDict:
+        self.update(other)
+        return self
+
+    def clear(self) -> None:
+        dict.clear(self)
+        if self._pkeys:
+            self._pkeys, self._pstorages, self._pversions = [], [], []
+            if self._release is not None:
+                self._release(self)
+        self._state += 1
+
+
+class _Made(FlatDict):
+    """A FlatDict whose every value is made: dict's own methods, at C speed (assigning dict's
+    slot wrappers makes CPython call them directly, with no Python frame)."""
+
+    _pkeys = ()
+    __getitem__ = dict.__getitem__
+    get = dict.get
+    values = dict.values
+    items = dict.items
+    __iter__ = dict.__iter__
+    pop = dict.pop
+    popitem = dict.popitem
+    setdefault = dict.setdefault
+    __eq__ = dict.__eq__
+    __ne__ = dict.__ne__
+    __repr__ = dict.__repr__
+    __setitem__ = dict.__setitem__
+    __delitem__ = dict.__delitem__
+    update = dict.update
+    __ior__ = dict.__ior__
+    clear = dict.clear
+
+    def copy(self) -> dict:
+        return dict(dict.items(self))
+
+    __copy__ = copy
+
+    def __reduce__(self):
+        return (dict, (dict(dict.items(self)),))
+
+    def __or__(self, other: Any) -> Any:
+        return dict.__or__(self, other)
+
+    def __ror__(self, other: Any) -> Any:
+        return dict.__ror__(self, other)
+
+
+class Lender:
+    """The FlatDicts a buffer handed out that still hold pending values (weakly: one that
+    nobody refers to is forgotten, and nothing is copied for it)."""
+
+    __slots__ = ("refs", "__weakref__")
+
+    def __init__(self) -> None:
+        self.refs: list[weakref.ref] = []
+
+    def lend(self, d: FlatDict) -> None:
+        self.refs.append(weakref.ref(d, self._drop_ref))
+
+    def _drop_ref(self, ref: weakref.ref) -> None:
+        try:
+            self.refs.remove(ref)
+        except ValueError:
+            pass
+
+    def release(self, d: FlatDict) -> None:
+        self.refs = [r for r in self.refs if r() is not None and r() is not d]
+
+    def settle(self) -> None:
+        """Materialize every outstanding FlatDict (before the storages are written); a value
+        already stale stays pending and raises when read."""
+        for ref in list(self.refs):
+            d = ref()
+            if d is not None and type(d) is FlatDict:
+                d.materialize()
+        self.refs = []
