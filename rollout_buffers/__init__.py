@@ -30,6 +30,7 @@ from .errors import (
     RolloutValueError,
     RolloutZeroDivisionError,
 )
+from .flatdict import FlatDict, StaleRolloutError, lazy_make_dict, set_lazy_make_dict
 from .gae import compute_gae
 
 __version__ = "0.1.0"
@@ -37,6 +38,10 @@ __version__ = "0.1.0"
 __all__ = [
     "ExperienceBuffer",
     "DictDataset",
+    "FlatDict",
+    "StaleRolloutError",
+    "lazy_make_dict",
+    "set_lazy_make_dict",
     "swap_and_flatten01",
     "compute_gae",
     "get_backend",
