@@ -80,7 +80,7 @@ class _Spec:
     that object (``.to()``, ``.half()``, reassignment) the spec is rebuilt from the new one.
     """
 
-    __slots__ = ("tensor", "row_shape", "dtype", "device", "written", "steps")
+    __slots__ = ("tensor", "row_shape", "dtype", "device", "written", "steps", "writer")
 
     def __init__(self, tensor: Tensor, written: bytearray) -> None:
         self.tensor = tensor
@@ -91,6 +91,7 @@ class _Spec:
         # One view per step, made once: update_data writes steps[t].copy_(x), one operator
         # where `tensor[t] = x` is two (select, then copy_), each a dispatch on the host.
         self.steps = ops.step_views(tensor)
+        self.writer = None  # backend 'triton': the key's step writer, and the epoch it is for
 
 
 class _StepPlan:
@@ -345,8 +346,13 @@ class ExperienceBuffer(nn.Module):
                 data = None
         if data is None:
             pass
-        elif backend._backend == "triton":
-            ops.write_row(spec.tensor, index, data)
+        elif backend._backend == "triton":  # the step-write kernel, as requested
+            w = spec.writer
+            if w is None or w[1] != backend.epoch:
+                w = spec.writer = (ops.step_writer((spec.tensor,)), backend.epoch)
+            if data.dtype is not spec.dtype or data.shape != spec.row_shape:
+                data = ops.as_source(spec.tensor, data)
+            w[0](index, (data,))
         else:  # a single key: PyTorch's own copy costs the host least, on every device
             spec.steps[index].copy_(data)
         if not spec.written[index]:

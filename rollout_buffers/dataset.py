@@ -224,7 +224,7 @@ class DictDataset(Dataset):
         if type(td) is FlatDict:
             if plan is None or plan.source is not td or plan.state != td._state:
                 plan = self._prepare(td)
-            if td._pending:
+            if td._pkeys:
                 td._check_fresh()  # a pending value written behind the API's back: refuse
         else:
             keys = tuple(td)

@@ -115,3 +115,102 @@ def test_launch_plans_hand_the_launcher_what_tritons_generic_path_hands_it():
         timeout=600,
     )  # fmt: skip
     assert proc.returncode == 0 and "OK" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-6000:]
+
+
+# ---------------------------------------------------------------------------------------------
+# A regression guard for host cost that is not a timing: the Python-level calls one hot call
+# makes after warm-up, against a budget set from the lean implementation (a per-key helper or a
+# per-key re-validation adds ~12 calls and fails it), and Triton's generic launch path never
+# entered. The kernel path runs under the stand-in driver (compiled kernels, recorded launches).
+# ---------------------------------------------------------------------------------------------
+
+COUNT_SCRIPT = r"""
+import json, sys
+import stand_in_driver
+stand_in_driver.install()
+import torch
+import rollout_buffers as rb
+from rollout_buffers import backend
+from triton.runtime.jit import JITFunction
+
+backend.interpreter_enabled = lambda: True  # CPU tensors take the compiled kernels here
+STAND_IN = {"active", "get_current_device", "get_current_stream"}  # the stand-in driver's own
+
+def count(fn):
+    calls = []
+    def prof(frame, event, arg):
+        code = frame.f_code
+        if event == "call" and code.co_filename not in (stand_in_driver.__file__, "<string>"):
+            if code.co_name not in STAND_IN:
+                calls.append(code.co_name)
+    sys.setprofile(prof)
+    try:
+        fn()
+    finally:
+        sys.setprofile(None)
+    return calls  # the lambda that makes the call is in "<string>": not counted
+
+SHAPES = [(5,), (5,), (3,), (3,), (3,), (), (1,), (1,), (), (), (), ()]  # 12 keys
+
+def make(n=8, t=4):
+    b = rb.ExperienceBuffer(n, t, device="cpu")
+    for i, s in enumerate(SHAPES):
+        b.register_key(f"k{i}", s, torch.int64 if i == 9 else torch.float32)
+    step = {f"k{i}": torch.zeros(n, *s, dtype=torch.int64 if i == 9 else torch.float32)
+            for i, s in enumerate(SHAPES)}
+    return b, step
+
+out = {}
+for name in sys.argv[1:]:
+    rb.set_backend(name)
+    b, step = make()
+    for t in range(4):  # warm-up: plans built, kernels compiled
+        b.update_step(t, step)
+        b.update_data("k0", t, step["k0"])
+    b2, _ = make()
+    for t in range(4):
+        b2.update_step(t, step)
+    ds = rb.DictDataset(8, b2.make_dict(), shuffle=True)  # lazy: gathers from the storage
+    ds[0], ds[1]
+    generic = []
+    real_run = JITFunction.run
+    JITFunction.run = lambda self, *a, **k: generic.append(self) or real_run(self, *a, **k)
+    out[name] = {
+        "update_step": count(lambda: b.update_step(1, step)),
+        "update_data": count(lambda: b.update_data("k0", 2, step["k0"])),
+        "dataset[i]": count(lambda: ds[1]),
+    }
+    JITFunction.run = real_run
+    out[name]["generic launches"] = len(generic)
+print(json.dumps(out))
+"""
+
+# Python-level calls per call after warm-up (the lean implementation's count + a small margin).
+BUDGETS = {
+    # update_step: update_step, writer.dense, its list comprehension, plan.direct, the hook
+    # check; update_data: update_data, the key's writer, plan.direct, the hook check;
+    # dataset[i]: __getitem__, the version check of the lazy values, the gatherer, its two list
+    # comprehensions, plan.direct, the hook check. One call of margin each.
+    "triton": {"update_step": 6, "update_data": 5, "dataset[i]": 8},
+    # PyTorch path: update_step and writer.dense; update_data alone (a copy_ into a step
+    # view); __getitem__, the version check and the gather.
+    "torch": {"update_step": 3, "update_data": 2, "dataset[i]": 4},
+}
+
+
+@pytest.mark.parametrize("name", ["triton", "torch"])
+def test_hot_calls_stay_within_their_python_call_budget(name):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "tests"), str(ROOT)])
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    proc = subprocess.run(
+        [sys.executable, "-c", COUNT_SCRIPT, name], cwd=ROOT, env=env, capture_output=True,
+        text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    import json
+
+    got = json.loads(proc.stdout.strip().splitlines()[-1])[name]
+    assert got.pop("generic launches") == 0, "Triton's generic launch path ran after warm-up"
+    for call, budget in BUDGETS[name].items():
+        assert len(got[call]) <= budget, (call, len(got[call]), budget, got[call])
