@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 # Triton 3.9 warns on every compile unless this is set; 1 keeps its current default (fusion on).
 export TRITON_DEFAULT_FP_FUSION ?= 1
 
-.PHONY: setup test test-random test-api-triton aot demo bench bench-micro bench-gae fuzz lint clean
+.PHONY: setup test test-random test-api-triton test-triton36 aot demo bench bench-micro bench-gae fuzz lint clean
 
 setup: $(VENV)/.installed
 
@@ -22,6 +22,7 @@ $(VENV)/.installed: pyproject.toml
 test: setup
 	$(PY) -m pytest -q
 	$(MAKE) --no-print-directory test-api-triton
+	$(MAKE) --no-print-directory test-triton36
 	$(MAKE) --no-print-directory aot
 
 # The whole pytest suite in a random global order, to catch tests that depend on each other.
@@ -33,6 +34,21 @@ test-random: setup
 # (CPU tensors only: CUDA hidden, since interpreted kernels cannot read device memory).
 test-api-triton: setup
 	CUDA_VISIBLE_DEVICES= ROLLOUT_BUFFERS_BACKEND=triton TRITON_INTERPRET=1 $(PY) -m pytest -q -m "not gpu" tests/test_api.py tests/test_compat.py
+
+# The kernels and their launch plans again on triton 3.6, the version the GPU machines have:
+# the launch-plan checks (Triton's compiled launcher called directly, under a stand-in driver),
+# the kernels bit for bit under its interpreter (which needs numpy < 2.4), the call budgets.
+VENV36 ?= .venv-triton36
+PY36   := $(VENV36)/bin/python
+$(VENV36)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV36)
+	$(PY36) -m pip install --quiet --upgrade pip
+	$(PY36) -m pip install --quiet "$(TORCH)" "triton==3.6.0" "numpy<2.4" "pytest>=7" "hypothesis>=6"
+	$(PY36) -m pip install --quiet --no-deps --no-build-isolation -e .
+	touch $@
+
+test-triton36: $(VENV36)/.installed
+	$(PY36) -m pytest -q -p no:cacheprovider -W ignore::DeprecationWarning tests/test_launch_plan.py tests/test_kernels.py
 
 # Compile every kernel specialization for sm_80 and sm_90 without a GPU; fails on error or spill.
 aot: setup
@@ -58,4 +74,4 @@ lint: setup
 	$(VENV)/bin/ruff format --check rollout_buffers kernels tests bench
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) $(VENV36) build *.egg-info .pytest_cache .ruff_cache .hypothesis
