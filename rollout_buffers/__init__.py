@@ -31,6 +31,12 @@ from .errors import (
     RolloutZeroDivisionError,
 )
 from .gae import compute_gae
+from .sequences import (
+    SequenceDataset,
+    TrajectoryDataset,
+    split_and_pad_trajectories,
+    unpad_trajectories,
+)
 
 __version__ = "0.1.0"
 
@@ -39,6 +45,10 @@ __all__ = [
     "DictDataset",
     "swap_and_flatten01",
     "compute_gae",
+    "SequenceDataset",
+    "TrajectoryDataset",
+    "split_and_pad_trajectories",
+    "unpad_trajectories",
     "get_backend",
     "set_backend",
     "use_backend",
