@@ -8,7 +8,7 @@ PY     := $(VENV)/bin/python
 # Triton 3.9 warns on every compile unless this is set; 1 keeps its current default (fusion on).
 export TRITON_DEFAULT_FP_FUSION ?= 1
 
-.PHONY: setup test test-random test-api-triton aot demo bench bench-micro bench-gae fuzz lint clean
+.PHONY: setup test test-random test-api-triton aot demo bench bench-sequences bench-micro bench-gae fuzz lint clean
 
 setup: $(VENV)/.installed
 
@@ -52,6 +52,11 @@ demo: setup
 
 bench: setup
 	$(PY) bench/run.py
+	$(PY) bench/bench_sequences.py
+
+# Sequence minibatches for recurrent policies against rsl_rl's recurrent generator (also in bench).
+bench-sequences: setup
+	$(PY) bench/bench_sequences.py
 
 bench-micro: setup
 	$(PY) -m pytest -q bench/ --benchmark-only
@@ -63,8 +68,8 @@ fuzz: setup
 	HYPOTHESIS_PROFILE=long $(PY) -m pytest -q tests/test_fuzz.py
 
 lint: setup
-	$(VENV)/bin/ruff check rollout_buffers kernels tests bench
-	$(VENV)/bin/ruff format --check rollout_buffers kernels tests bench
+	$(VENV)/bin/ruff check rollout_buffers kernels tests bench examples
+	$(VENV)/bin/ruff format --check rollout_buffers kernels tests bench examples
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache .hypothesis

@@ -340,6 +340,7 @@ class SequenceDataset(Dataset):
         self._first = [False] * len(seq_names) + [True] * len(hidden)
         self._seq_names, self._num_seq = seq_names, len(seq_names)
         self._ids = torch.arange(self.num_chunks, device=device)
+        self._gather = ops.ChunkGather(self._srcs, self._first, batch_size, seq_len)
         self._pinned: Tensor | None = None  # the host side of a permutation copy in flight
         self.refresh(shuffle=shuffle)
 
@@ -385,8 +386,7 @@ class SequenceDataset(Dataset):
     def __getitem__(self, index: int) -> dict[str, Tensor]:
         """Minibatch ``index`` (negative counts from the end; past the end: ``IndexError``)."""
         index = _batch_index(index, self.num_chunks // self.batch_size)
-        b = self.batch_size
-        outs = ops.gather_chunks(self._srcs, self._first, self._ids, index * b, b, self.seq_len)
+        outs = self._gather(self._ids, index * self.batch_size)
         m = self._num_seq
         batch = dict(zip(self._seq_names, outs[:m]))
         for key, out in zip(self.hidden, outs[m:]):
