@@ -125,8 +125,8 @@ def reference_chunks(storages, dones, hidden, ids, seq, start, count):
 
 
 def mixed_storages(t, n, g):
-    """Keys of several dtypes and row widths (bool, bf16, narrow scalars, 12-byte rows) and an
-    env-strided storage, ``(t, n, ...)`` each."""
+    """Keys of several dtypes and row widths (bool, bf16, narrow scalars, 12-byte rows, rows
+    wider than the kernel's tiles) and env-strided storages, ``(t, n, ...)`` each."""
     s = {
         "obs": with_specials(random_tensor((t, n, 5), torch.float32, generator=g)),
         "act": random_tensor((t, n, 3), torch.bfloat16, generator=g),
@@ -135,6 +135,9 @@ def mixed_storages(t, n, g):
         "count": random_tensor((t, n, 2), torch.int64, generator=g),
         "img": random_tensor((t, n, 2, 3), torch.uint8, generator=g),
         "strided": random_tensor((t, 2 * n, 4), torch.float16, generator=g)[:, 1::2],
+        # 4120-byte rows: the kernel copies them 16 rows x 64 units at a time, 9 column blocks
+        # a row, so every minibatch spans several programs and a masked column tail.
+        "wide": random_tensor((t, n, 1030), torch.float32, generator=g),
         "dones": torch.rand(t, n, generator=g) < 0.3,
         "h": random_tensor((t, n, 2, 4), torch.float32, generator=g),
         "c": random_tensor((t, 2 * n, 2, 4), torch.bfloat16, generator=g)[:, ::2],
