@@ -2,21 +2,30 @@
 PYTHON ?= python3
 VENV   ?= .venv
 TORCH  ?= torch==2.13.0
+RSL_RL ?= rsl-rl-lib==5.5.1 tensordict==0.14.3 pyvers==0.2.3
+RSL_RL_NEEDS ?= cloudpickle==3.1.3 orjson==3.13.0 importlib_metadata==10.2.0 zipp==4.1.2
 PY     := $(VENV)/bin/python
 # Triton 3.9 warns on every compile unless this is set; 1 keeps its current default (fusion on).
 export TRITON_DEFAULT_FP_FUSION ?= 1
 
-.PHONY: setup test test-random test-api-triton test-triton36 aot demo bench bench-micro bench-gae fuzz lint clean
+.PHONY: setup test test-random test-api-triton test-triton36 aot demo bench bench-sequences bench-micro bench-gae fuzz lint clean
 
 setup: $(VENV)/.installed
 
 # torch is installed first, pinned: an unpinned torch would pull gigabytes of CUDA packages on
 # a machine without a GPU. The project's own `torch>=2.4` is then already satisfied.
-$(VENV)/.installed: pyproject.toml
+#
+# rsl_rl is the reference the sequence minibatches are tested and benchmarked against
+# (tests/test_sequences.py, bench/bench_sequences.py; bench/rsl_rl_peer.py loads it). It and
+# tensordict, which its storage imports, come pinned and without their declared dependencies
+# (torch, tensorboard, onnx...): torch stays the one above. Then tensordict's own small needs.
+$(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet "$(TORCH)"
 	$(PY) -m pip install --quiet -e ".[test,bench]"
+	$(PY) -m pip install --quiet --no-deps $(RSL_RL)
+	$(PY) -m pip install --quiet $(RSL_RL_NEEDS)
 	touch $@
 
 test: setup
@@ -59,6 +68,11 @@ demo: setup
 
 bench: setup
 	$(PY) bench/run.py
+	$(PY) bench/bench_sequences.py
+
+# Sequence minibatches for recurrent policies against rsl_rl's recurrent generator (also in bench).
+bench-sequences: setup
+	$(PY) bench/bench_sequences.py
 
 bench-micro: setup
 	$(PY) -m pytest -q bench/ --benchmark-only
@@ -70,8 +84,8 @@ fuzz: setup
 	HYPOTHESIS_PROFILE=long $(PY) -m pytest -q tests/test_fuzz.py
 
 lint: setup
-	$(VENV)/bin/ruff check rollout_buffers kernels tests bench
-	$(VENV)/bin/ruff format --check rollout_buffers kernels tests bench
+	$(VENV)/bin/ruff check rollout_buffers kernels tests bench examples
+	$(VENV)/bin/ruff format --check rollout_buffers kernels tests bench examples
 
 clean:
 	rm -rf $(VENV) $(VENV36) build *.egg-info .pytest_cache .ruff_cache .hypothesis

@@ -32,6 +32,12 @@ from .errors import (
 )
 from .flatdict import FlatDict, StaleRolloutError, lazy_make_dict, set_lazy_make_dict
 from .gae import compute_gae
+from .sequences import (
+    SequenceDataset,
+    TrajectoryDataset,
+    split_and_pad_trajectories,
+    unpad_trajectories,
+)
 
 __version__ = "0.1.0"
 
@@ -44,6 +50,10 @@ __all__ = [
     "set_lazy_make_dict",
     "swap_and_flatten01",
     "compute_gae",
+    "SequenceDataset",
+    "TrajectoryDataset",
+    "split_and_pad_trajectories",
+    "unpad_trajectories",
     "get_backend",
     "set_backend",
     "use_backend",

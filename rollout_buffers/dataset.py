@@ -14,6 +14,7 @@ from torch.utils.data import Dataset
 from . import backend, ops
 from ._index import as_index
 from ._index import positive_int as _positive_int
+from ._transfer import host_to_device
 from .errors import (
     RolloutArgumentTypeError,
     RolloutDeviceError,
@@ -185,11 +186,10 @@ class DictDataset(Dataset):
         """A NumPy permutation as an int64 tensor on the data's device, without synchronizing:
         on CUDA through pinned memory with a non-blocking copy, the pinned buffer kept until the
         next shuffle (the copy may still be reading it when this returns)."""
-        host = torch.from_numpy(perm.astype(np.int64, copy=False))
-        if self._device.type == "cuda":
-            self._pinned = host = host.pin_memory()
-            return host.to(self._device, non_blocking=True)
-        return host.to(self._device)  # CPU: the same memory, no copy
+        perm, pinned = host_to_device(perm, self._device)
+        if pinned is not None:
+            self._pinned = pinned
+        return perm
 
     def num_batches(self) -> int:
         """``num_tensors // batch_size``."""
