@@ -165,9 +165,14 @@ def make_inputs(w: dict, device: torch.device, seed: int = 0) -> dict:
 
 
 def ours_phases(
-    w: dict, device: torch.device, inputs: dict, backend: str = "auto"
+    w: dict, device: torch.device, inputs: dict, backend: str = "auto", lazy: bool = True
 ) -> list[Callable]:
-    """rollout_buffers: update_step per step (all keys in one call), make_dict, DictDataset."""
+    """rollout_buffers: update_step per step (all keys in one call), make_dict, DictDataset.
+
+    The dataset-only keys are added to make_dict's mapping in place (``data.update``), as
+    ProtoMotions' AMP agent adds its expert keys; ``lazy=False`` runs with the eager make_dict
+    (``set_lazy_make_dict(False)``: the flattened copies made at once, as before).
+    """
     buf = rb.ExperienceBuffer(w["num_envs"], w["num_steps"], device=device)
     for k, s in w["keys"].items():
         buf.register_key(k, tuple(s["shape"]), DTYPES[s["dtype"]])
@@ -180,12 +185,18 @@ def ours_phases(
                 buf.update_step(t, pool[(i * steps + t) % len(pool)])
 
     def make_dict(_):
-        with rb.use_backend(backend):
-            return buf.make_dict()
+        lazy_before = rb.lazy_make_dict()
+        rb.set_lazy_make_dict(lazy)
+        try:
+            with rb.use_backend(backend):
+                return buf.make_dict()
+        finally:
+            rb.set_lazy_make_dict(lazy_before)
 
     def minibatches(data):
         with rb.use_backend(backend):
-            ds = rb.DictDataset(batch, {**data, **extra}, shuffle=True)
+            data.update(extra)
+            ds = rb.DictDataset(batch, data, shuffle=True)
             for epoch in range(w["num_epochs"]):
                 if epoch:
                     ds.shuffle()
@@ -212,7 +223,8 @@ def original_phases(w: dict, device: torch.device, inputs: dict) -> list[Callabl
         return buf.make_dict()
 
     def minibatches(data):
-        ds = original.DictDataset(batch, {**data, **extra}, shuffle=True)
+        data.update(extra)
+        ds = original.DictDataset(batch, data, shuffle=True)
         for epoch in range(w["num_epochs"]):
             if epoch:
                 ds.shuffle()
@@ -278,6 +290,28 @@ def compiled_original_phases(w: dict, device: torch.device, inputs: dict) -> lis
 # ---------------------------------------------------------------------------------------------
 # Timing
 # ---------------------------------------------------------------------------------------------
+
+
+def epoch_memory(w: dict, fns: Sequence[Callable], device: torch.device) -> int:
+    """Memory one epoch costs beyond the buffers and inputs, in bytes.
+
+    CPU: the bytes of the flattened copies of the rollout that the epoch made (make_dict's
+    env-major tensors; a lazy mapping's values only if something read them). CUDA: the peak of
+    ``torch.cuda.max_memory_allocated`` over the epoch, above what was allocated before it
+    (flattened copies, minibatch outputs, tables).
+    """
+    if device.type == "cuda":
+        synchronize(device)
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        fns[2](fns[1](fns[0](0)))
+        synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - base
+    data = fns[1](fns[0](0))
+    fns[2](data)
+    # dict.get: the raw slot, which a lazy mapping's unread values leave without a tensor
+    values = [dict.get(data, k) for k in w["keys"]]
+    return sum(v.numel() * v.element_size() for v in values if isinstance(v, torch.Tensor))
 
 
 def synchronize(device: torch.device) -> None:

@@ -2,10 +2,12 @@
 
 Phases: rollout writes (every key of every step), make_dict, minibatches (every minibatch of
 every mini-epoch, with the workload's dataset-only keys indexed modulo), and the whole epoch.
-Implementations, in the same run and interleaved: rollout_buffers (auto backend),
+Implementations, in the same run and interleaved: rollout_buffers (auto backend, make_dict's
+lazy mapping), the same with the eager make_dict (``set_lazy_make_dict(False)``),
 rollout_buffers forced to its PyTorch path, the original (bench/original.py), the original
 under torch.compile (GPU only), and the physical limit: the device's plain ``copy_`` of the
-same bytes. Writes bench/results/<device>.{md,json,png}.
+same bytes. Also the memory an epoch costs (flattened copies; on CUDA the allocator's peak).
+Writes bench/results/<device>.{md,json,png}.
 
     python bench/run.py [--workloads locomotion,humanoid] [--repeats 11] [--cpu-max-mb 128]
 """
@@ -32,8 +34,9 @@ UNIT = {
     "minibatches": "minibatch",
     "whole epoch": "epoch",
 }
-AUTO, TORCH, ORIG, COMPILED = (
+AUTO, EAGER, TORCH, ORIG, COMPILED = (
     "rollout_buffers (auto)",
+    "rollout_buffers (auto, eager make_dict)",
     "rollout_buffers (torch path)",
     "original",
     "original + torch.compile",
@@ -61,9 +64,9 @@ def plan(names: list[str], device: torch.device, cpu_max_mb: int) -> list[tuple[
     for name in names:
         w = all_w[name]
         if device.type == "cuda":
-            # 4 implementations' buffers and make_dict outputs (alive together: the phases are
+            # 5 implementations' buffers and make_dict outputs (alive together: the phases are
             # interleaved), plus the copy-reference pair
-            need = 10 * c.rollout_bytes(w) + 2 * c.extra_bytes(w)
+            need = 12 * c.rollout_bytes(w) + 2 * c.extra_bytes(w)
             budget = int(0.8 * torch.cuda.mem_get_info(device)[0])
             small, factor = c.scale_down(w, budget // 10) if need > budget else (w, 1)
         else:
@@ -76,6 +79,7 @@ def plan(names: list[str], device: torch.device, cpu_max_mb: int) -> list[tuple[
 def build_impls(w: dict, device: torch.device, inputs: dict, notes: list[str]) -> dict[str, list]:
     impls = {
         AUTO: c.ours_phases(w, device, inputs, "auto"),
+        EAGER: c.ours_phases(w, device, inputs, "auto", lazy=False),
         TORCH: c.ours_phases(w, device, inputs, "torch"),
         ORIG: c.original_phases(w, device, inputs),
     }
@@ -124,6 +128,8 @@ def bench_workload(w: dict, device: torch.device, repeats: int, warmup: int, bar
             None if None in launches[name].values() else sum(launches[name].values())
         )
 
+    memory = {name: c.epoch_memory(w, impls[name], device) for name in names}
+
     out = {}
     for p in PHASES:
         base = c.stats(times[ORIG][p])["median"] if ORIG in times else None
@@ -143,7 +149,13 @@ def bench_workload(w: dict, device: torch.device, repeats: int, warmup: int, bar
             "gbps": 2 * payload[p] / copy_s[p] / 1e9,
             "per_call": copy.get(p),
         }
-    return {"workload": w, "payload_bytes": payload, "calls": calls, "phases": out}
+    return {
+        "workload": w,
+        "payload_bytes": payload,
+        "calls": calls,
+        "phases": out,
+        "memory": memory,
+    }
 
 
 def update_step_vs_launch(device: torch.device) -> dict:
@@ -244,6 +256,24 @@ def targets(device: torch.device, results: dict, host: dict) -> list[str]:
     return lines
 
 
+def memory_lines(device: torch.device, results: dict) -> list[str]:
+    what = (
+        "peak of torch.cuda.max_memory_allocated over one epoch, above the memory allocated "
+        "before it (flattened copies, minibatch outputs)"
+        if device.type == "cuda"
+        else "bytes of flattened copies of the rollout one epoch makes (make_dict's env-major "
+        "tensors; a lazy make_dict's values only when read)"
+    )
+    impls = [
+        i
+        for i in (AUTO, EAGER, TORCH, ORIG, COMPILED)
+        if any(i in r["memory"] for r in results.values())
+    ]
+    rows = [[n] + [f"{r['memory'][i] / 2**20:.1f} MiB" if i in r["memory"] else "" for i in impls]
+            for n, r in results.items()]  # fmt: skip
+    return ["## Memory per epoch", "", f"{what}.", "", *c.md_table(["workload", *impls], rows)]
+
+
 def write_results(device, results, host, notes, meta) -> list[Path]:
     slug = c.device_slug(device)
     lines = [f"# rollout_buffers benchmark: {c.device_label(device)}", ""]
@@ -292,7 +322,8 @@ def write_results(device, results, host, notes, meta) -> list[Path]:
          "fraction of copy", "speedup over original"],
         rows,
     )  # fmt: skip
-    lines += ["", *targets(device, results, host), "", "## Notes", ""]
+    lines += ["", *memory_lines(device, results), "", *targets(device, results, host)]
+    lines += ["", "## Notes", ""]
     lines += [f"- {n}" for n in notes] or ["- none"]
     md = c.write_text(c.RESULTS / f"{slug}.md", lines)
 
@@ -314,13 +345,13 @@ def plot(device, results, meta, path: Path) -> Path:
 
     impls = [
         i
-        for i in (AUTO, TORCH, COMPILED)
+        for i in (AUTO, EAGER, TORCH, COMPILED)
         if any(i in r["phases"]["make_dict"] for r in results.values())
     ]
     names = list(results)
     fig, axes = plt.subplots(1, len(PHASES), figsize=(4.4 * len(PHASES), 4.8), sharey=True)
     width = 0.8 / max(len(impls), 1)
-    colors = {AUTO: "tab:blue", TORCH: "tab:orange", COMPILED: "tab:green"}
+    colors = {AUTO: "tab:blue", EAGER: "tab:purple", TORCH: "tab:orange", COMPILED: "tab:green"}
     speedups = [1.0]
     for ax, p in zip(axes, PHASES, strict=True):
         for k, impl in enumerate(impls):
@@ -422,6 +453,7 @@ def main() -> None:
             ["phase", "workload", "impl", "median [p20, p80]", "of copy", "vs original"], rows
         )
     )
+    print("\n".join(memory_lines(device, results)))
     print("\n".join(targets(device, results, host)[2:]))
     print("wrote", ", ".join(str(p.relative_to(c.ROOT)) for p in paths))
 

@@ -240,44 +240,55 @@ class _TorchGatherer:
     gather's CPU time. A recycled output is never handed out twice while in use.
     """
 
-    __slots__ = ("srcs", "count", "n", "wrap", "history", "big")
+    __slots__ = ("srcs", "groups", "count", "n", "wrap", "history", "big", "perm", "rows")
 
     def __init__(self, srcs, modes, lengths, n: int, count: int, wrap: bool) -> None:
-        items = []
+        self.srcs, self.big, self.groups = [], [], []
+        where: dict[tuple, int] = {}
         for s, mode, length in zip(srcs, modes, lengths, strict=True):
+            # Sources that read the same rows (the same modulo length, the same (T, N) layout)
+            # share one index per minibatch.
             if mode == ENV_MAJOR:  # rows of the (T * N, ...) time-major view, re-indexed
                 t, e = s.shape[:2]
-                items.append((s.reshape(t * e, *s.shape[2:]), length, t, e))
+                s = s.reshape(t * e, *s.shape[2:])
             else:
-                items.append((s, length, 0, 0))
-        self.srcs, self.n, self.count, self.wrap = items, n, count, wrap
-        self.big = [
-            _use_count is not None
-            and count * s[0][0].numel() * s[0].element_size() >= _RECYCLE_BYTES
-            if s[0].dim()
-            else False
-            for s in items
-        ]
+                t = e = 0
+            g = where.setdefault((length, t, e), len(where))
+            self.srcs.append((s, g))
+            nbytes = count * (s[0].numel() * s.element_size() if s.dim() else 0)
+            self.big.append(_use_count is not None and nbytes >= _RECYCLE_BYTES)
+        self.groups = list(where)
+        self.n, self.count, self.wrap = n, count, wrap
         self.history: list[list[Tensor]] = []
+        # Each group's rows for the whole permutation last seen: worked out once per
+        # permutation (a shuffle), sliced per minibatch.
+        self.perm: tuple | None = None
+        self.rows: list[Tensor] = []
+
+    def _rows(self, perm: Tensor) -> list[Tensor]:
+        out = []
+        for length, t, e in self.groups:
+            i = perm if length == self.n and not self.wrap else torch.remainder(perm, length)
+            if t:  # env-major: row r of a (T, N) storage is time-major row (r % T) * N + r // T
+                i = torch.remainder(i, t) * e + torch.div(i, t, rounding_mode="floor")
+            out.append(i)
+        return out
 
     def __call__(self, perm: Tensor, start: int) -> list[Tensor]:
-        idx = perm[start : start + self.count]
-        rows: dict[tuple, Tensor] = {}
+        if self.perm is None or self.perm[0] is not perm or self.perm[1] != perm._version:
+            self.perm, self.rows = (perm, perm._version), self._rows(perm)
+        end = start + self.count
+        idx = [r[start:end] for r in self.rows]
         old = self.history[0] if len(self.history) == 2 else None
-        outs = []
-        for k, (src, length, t, e) in enumerate(self.srcs):
-            i = rows.get((length, t))
-            if i is None:
-                i = idx if length == self.n and not self.wrap else torch.remainder(idx, length)
-                if (
-                    t
-                ):  # env-major row r of a (T, N) storage is its time-major row (r % T) * N + r // T
-                    i = torch.remainder(i, t) * e + torch.div(i, t, rounding_mode="floor")
-                rows[(length, t)] = i
-            if old is not None and self.big[k] and _unused(old, k):
-                outs.append(torch.index_select(src, 0, i, out=old[k]))
-            else:
-                outs.append(torch.index_select(src, 0, i))
+        if old is None:
+            outs = [torch.index_select(src, 0, idx[g]) for src, g in self.srcs]
+        else:
+            outs = []
+            for k, (src, g) in enumerate(self.srcs):
+                if self.big[k] and _unused(old, k):
+                    outs.append(torch.index_select(src, 0, idx[g], out=old[k]))
+                else:
+                    outs.append(torch.index_select(src, 0, idx[g]))
         if any(self.big):
             self.history = [self.history[-1], outs] if self.history else [outs]
         return outs
