@@ -330,8 +330,6 @@ class _Made(FlatDict):
     pop = dict.pop
     popitem = dict.popitem
     setdefault = dict.setdefault
-    __eq__ = dict.__eq__
-    __ne__ = dict.__ne__
     __repr__ = dict.__repr__
     __setitem__ = dict.__setitem__
     __delitem__ = dict.__delitem__
@@ -352,6 +350,18 @@ class _Made(FlatDict):
 
     def __ror__(self, other: Any) -> Any:
         return dict.__ror__(self, other)
+
+    # Not dict's own: that would compare a pending FlatDict's placeholders (and Python asks
+    # this subclass first, whichever side it is on).
+    def __eq__(self, other: object) -> bool:
+        if type(other) is FlatDict and other._pkeys:
+            other._ready()
+        return dict.__eq__(self, other)
+
+    def __ne__(self, other: object) -> bool:
+        if type(other) is FlatDict and other._pkeys:
+            other._ready()
+        return dict.__ne__(self, other)
 
 
 class Lender:

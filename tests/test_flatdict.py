@@ -316,6 +316,15 @@ def test_equality_and_inequality_match_the_eager_dict():
     assert buf.get_dict() == buf.get_dict()
     d = buf.get_dict()
     assert d == d
+    # one made, the other pending: in both orders
+    made, pending = buf.get_dict(), buf.get_dict()
+    made["a"]
+    assert type(made) is flatdict._Made and _pending(pending)
+    assert made == pending and pending == made
+    assert not (made != pending) and not (pending != made)
+    made, pending = buf.get_dict(), buf.get_dict()
+    made["a"] = made["a"] + 1
+    assert made != pending and pending != made and not (made == pending)
 
 
 def test_repr_and_str_match_the_eager_dict():
