@@ -37,6 +37,7 @@ import weakref
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from .errors import RolloutValueError
@@ -91,12 +92,25 @@ class FlatDict(dict):
         flatten: Callable[[list[Tensor]], list[Tensor]],
         release: Callable[[FlatDict], None] | None = None,
     ) -> None:
+        # Values are made in the inference mode make_dict() ran in, whenever they are made (a
+        # copy-on-write inside torch.inference_mode() must not give inference tensors that
+        # autograd refuses to save, where the eager copies were normal tensors).
+        self._inference = torch.is_inference_mode_enabled()
+        try:
+            versions = list(map(_version, storages))
+        except RuntimeError:
+            # Inference tensors (a buffer built under torch.inference_mode()) keep no version
+            # counter: a write behind the API's back could not be caught. Made now, eagerly.
+            dict.__init__(self, zip(keys, flatten_all()))
+            self.__dict__.clear()
+            self.__class__ = _Made
+            return
         dict.__init__(self, dict.fromkeys(keys, PENDING))
         # The pending values: their keys, (T, N, ...) storages and those storages' versions
         # when handed out (in-place writes bump a tensor's version).
         self._pkeys = list(keys)
         self._pstorages = list(storages)
-        self._pversions = list(map(_version, storages))
+        self._pversions = versions
         self._flatten_all = flatten_all  # prepared for exactly the storages above, all pending
         self._nall = len(self._pkeys)
         self._flatten = flatten
@@ -156,14 +170,17 @@ class FlatDict(dict):
             return
         storages = self._pstorages
         if list(map(_version, storages)) == self._pversions:
-            outs = self._flatten_all() if len(keys) == self._nall else self._flatten(storages)
+            if len(keys) == self._nall:
+                outs = self._flatten_in_mode(self._flatten_all)
+            else:
+                outs = self._flatten_in_mode(self._flatten, storages)
             dict.update(self, zip(keys, outs))
             self._pkeys, self._pstorages, self._pversions = [], [], []
         else:
             stale = set(self._stale())
             fresh = [i for i, k in enumerate(keys) if k not in stale]
             if fresh:
-                outs = self._flatten([storages[i] for i in fresh])
+                outs = self._flatten_in_mode(self._flatten, [storages[i] for i in fresh])
                 dict.update(self, zip([keys[i] for i in fresh], outs))
             keep = [i for i, k in enumerate(keys) if k in stale]
             self._pkeys = [keys[i] for i in keep]
@@ -177,6 +194,13 @@ class FlatDict(dict):
             # isinstance, holding no reference to the buffer any more.
             self.__dict__.clear()
             self.__class__ = _Made
+
+    def _flatten_in_mode(self, fn: Callable[..., list[Tensor]], *args: Any) -> list[Tensor]:
+        """``fn(*args)`` (a flatten) in the inference mode make_dict() ran in."""
+        if torch.is_inference_mode_enabled() == self._inference:
+            return fn(*args)
+        with torch.inference_mode(self._inference):
+            return fn(*args)
 
     def _ready(self, keys: Sequence[Any] | None = None) -> None:
         """Materialize, then refuse a read of a stale value (of ``keys``; default: any)."""

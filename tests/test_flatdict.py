@@ -806,6 +806,38 @@ def test_a_write_through_tensor_data_is_not_detected_as_the_readme_says():
 # ---------------------------------------------------------------------------------------------
 
 
+def test_values_made_under_inference_mode_are_normal_tensors():
+    """The eager copies were made when make_dict ran, outside inference mode: normal tensors
+    that autograd can save. Made later, inside inference mode (a copy-on-write when the next
+    rollout writes, a read), they must still be normal tensors."""
+    keys = {"obs": ((6,), torch.float32), "rewards": ((), torch.float32)}
+    buf = _rollout(keys=keys)
+    want = _eager(buf)
+    kept, read = buf.make_dict(), buf.get_dict()
+    with torch.inference_mode():
+        buf.update_step(0, _step_data(buf, seed=4))  # copies `kept`
+        read["obs"]
+    for d in (kept, read):
+        _assert_same(d, want)
+        assert not any(v.is_inference() for v in d.values())
+        layer = torch.nn.Linear(6, 1)
+        layer(d["obs"]).sum().backward()  # "Inference tensors cannot be saved for backward"
+        assert layer.weight.grad is not None
+
+
+def test_make_dict_of_a_buffer_built_under_inference_mode():
+    """Inference tensors carry no version counter: the mapping cannot watch them, and must
+    still give the eager values (the original's make_dict worked there)."""
+    with torch.inference_mode():
+        buf = _rollout(keys={"obs": ((2, 3), torch.float32), "k": ((), torch.int64)})
+        want = _eager(buf)
+        d = buf.make_dict()
+        _assert_same(d, want)
+        d2 = buf.get_dict()
+    ds = DictDataset(7, d2, shuffle=True)
+    _assert_same(ds[1], _expected_batches(ds, want)[1])
+
+
 # torch.compile
 # ---------------------------------------------------------------------------------------------
 
