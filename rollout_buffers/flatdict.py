@@ -84,6 +84,15 @@ class FlatDict(dict):
     Once every value is made it behaves (and reads at the speed of) a plain dict.
     """
 
+    def __new__(cls, *args: Any, **kwargs: Any) -> Any:
+        # type(d)(...) builds a plain dict, as the eager dict's type did: code that rebuilds a
+        # mapping as its own type (lightning's apply_to_collection, accelerate's send_to_device,
+        # default_collate, dict.fromkeys) gets a dict of what it passed, not a TypeError. Only
+        # the buffer builds a FlatDict, with four or five arguments (a dict takes at most one).
+        if len(args) < 2 and "flatten_all" not in kwargs:
+            return dict(*args, **kwargs)
+        return dict.__new__(cls)
+
     def __init__(
         self,
         keys: Sequence[str],

@@ -215,6 +215,10 @@ READS = {
     "copy.deepcopy": (copy.deepcopy, True),
     "pickle": (lambda d: pickle.loads(pickle.dumps(d)), True),
     "torch.save": (lambda d: _torch_round_trip(d, weights_only=False), True),
+    # dict subclasses get rebuilt as type(d)(...) (lightning's apply_to_collection,
+    # accelerate's send_to_device, default_collate): the eager dict's type builds a dict
+    "type(d)(...)": (lambda d: type(d)((k, v) for k, v in d.items()), True),
+    "type(d).fromkeys": (lambda d: _update(type(d).fromkeys(list(d)), d), True),
 }
 
 
