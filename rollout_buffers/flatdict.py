@@ -397,6 +397,23 @@ class _Made(FlatDict):
         return dict.__ne__(self, other)
 
 
+def _register_with_torch() -> None:
+    """Make the FlatDict what torch's own machinery expects of the eager dict.
+
+    - ``torch.load`` (``weights_only=True``, its default since PyTorch 2.6) refuses any global
+      it does not know. A dict subclass cannot pickle as a plain dict's opcodes: a FlatDict
+      pickles as a call of ``builtins.dict``, which is allowed here (it is as safe as the
+      ``OrderedDict`` torch allows). A process that has not imported rollout_buffers needs
+      ``torch.serialization.add_safe_globals([dict])``, or the mapping saved as ``dict(d)``.
+    """
+    add_safe_globals = getattr(torch.serialization, "add_safe_globals", None)
+    if add_safe_globals is not None:
+        add_safe_globals([dict])
+
+
+_register_with_torch()
+
+
 class Lender:
     """The FlatDicts a buffer handed out that still hold pending values (weakly: one that
     nobody refers to is forgotten, and nothing is copied for it)."""

@@ -215,6 +215,8 @@ READS = {
     "copy.deepcopy": (copy.deepcopy, True),
     "pickle": (lambda d: pickle.loads(pickle.dumps(d)), True),
     "torch.save": (lambda d: _torch_round_trip(d, weights_only=False), True),
+    # torch.load's default since PyTorch 2.6: the eager dict loads, so must this one
+    "torch.save, weights_only": (lambda d: _torch_round_trip(d, weights_only=True), True),
     # dict subclasses get rebuilt as type(d)(...) (lightning's apply_to_collection,
     # accelerate's send_to_device, default_collate): the eager dict's type builds a dict
     "type(d)(...)": (lambda d: type(d)((k, v) for k, v in d.items()), True),
@@ -337,6 +339,22 @@ def test_repr_and_str_match_the_eager_dict():
     assert repr(buf.make_dict()) == repr(want)
     assert str(buf.get_dict()) == str(want)
     assert "pending" not in repr(buf.get_dict())
+
+
+def test_pickle_and_torch_save_give_a_plain_dict(tmp_path):
+    buf = _rollout()
+    want = _eager(buf)
+    for loaded in (
+        pickle.loads(pickle.dumps(buf.get_dict(), protocol=2)),
+        pickle.loads(pickle.dumps(buf.get_dict(), protocol=pickle.HIGHEST_PROTOCOL)),
+        _torch_round_trip(buf.get_dict()),  # torch.load's default: weights_only=True
+        _torch_round_trip({"rollout": buf.get_dict()})["rollout"],  # nested
+    ):
+        assert type(loaded) is dict
+        _assert_same(loaded, want)
+    path = tmp_path / "rollout.pt"
+    torch.save(buf.make_dict(), path)
+    _assert_same(torch.load(path), want)
 
 
 def test_tensordict_of_a_flatdict():
