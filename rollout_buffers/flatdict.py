@@ -405,10 +405,35 @@ def _register_with_torch() -> None:
       pickles as a call of ``builtins.dict``, which is allowed here (it is as safe as the
       ``OrderedDict`` torch allows). A process that has not imported rollout_buffers needs
       ``torch.serialization.add_safe_globals([dict])``, or the mapping saved as ``dict(d)``.
+    - torch's pytree (``tree_map``, ``torch.func``, ``torch.export``) looks node types up
+      exactly: an unregistered dict subclass would be one leaf, not a dict of values.
     """
     add_safe_globals = getattr(torch.serialization, "add_safe_globals", None)
     if add_safe_globals is not None:
         add_safe_globals([dict])
+    try:
+        from torch.utils import _pytree
+    except ImportError:  # pragma: no cover
+        return
+
+    def flatten(d: dict) -> tuple[list, list]:
+        values = list(d.values())  # makes them
+        return values, list(d)
+
+    def unflatten(values: Any, context: list) -> dict:
+        return dict(zip(context, values))
+
+    def flatten_with_keys(d: dict) -> tuple[list, list]:
+        values, context = flatten(d)
+        return [(_pytree.MappingKey(k), v) for k, v in zip(context, values)], context
+
+    for cls in (FlatDict, _Made):
+        try:
+            _pytree.register_pytree_node(
+                cls, flatten, unflatten, flatten_with_keys_fn=flatten_with_keys
+            )
+        except (ValueError, TypeError, AttributeError):  # registered already, or another API
+            pass
 
 
 _register_with_torch()

@@ -221,6 +221,8 @@ READS = {
     # accelerate's send_to_device, default_collate): the eager dict's type builds a dict
     "type(d)(...)": (lambda d: type(d)((k, v) for k, v in d.items()), True),
     "type(d).fromkeys": (lambda d: _update(type(d).fromkeys(list(d)), d), True),
+    # torch's pytree (tree_map, torch.func, torch.export) maps a dict's values
+    "pytree": (lambda d: torch.utils._pytree.tree_map(lambda x: x, d), True),
 }
 
 
@@ -363,6 +365,18 @@ def test_tensordict_of_a_flatdict():
     want = _eager(buf)
     td = tensordict.TensorDict(buf.make_dict(), batch_size=[T * N])
     _assert_same({k: td[k] for k in want}, want)
+
+
+def test_pytree_maps_a_flatdict_like_a_dict():
+    from torch.utils import _pytree
+
+    buf = _rollout()
+    want = _eager(buf)
+    leaves, spec = _pytree.tree_flatten(buf.get_dict())
+    assert len(leaves) == len(KEYS)
+    _assert_same(spec.unflatten(leaves), want)
+    doubled = _pytree.tree_map(lambda x: torch.cat([x, x]), buf.make_dict())
+    assert type(doubled) is dict and doubled["obs"].shape == (2 * T * N, 2, 3)
 
 
 # ---------------------------------------------------------------------------------------------
