@@ -874,6 +874,42 @@ def test_make_dict_of_a_buffer_built_under_inference_mode():
     _assert_same(ds[1], _expected_batches(ds, want)[1])
 
 
+_INFERENCE_PERM_BUG = pytest.mark.xfail(
+    strict=True,
+    raises=RuntimeError,
+    reason="ops.py _TorchGatherer.__call__ (line 278) keys its cached rows on perm._version; a "
+    "permutation made under torch.inference_mode() (the dataset built or shuffled there) is an "
+    "inference tensor, whose _version raises 'Inference tensors do not track version counter'",
+)
+
+
+@pytest.mark.parametrize(
+    "name, lazy",
+    [
+        pytest.param("torch", False, marks=_INFERENCE_PERM_BUG),
+        pytest.param("torch", True, marks=_INFERENCE_PERM_BUG),
+        ("triton", True),
+    ],
+    ids=["torch-eager dict", "torch-lazy mapping", "triton-lazy mapping"],
+)
+def test_a_dataset_built_and_read_inside_inference_mode(name, lazy, request, flattens):
+    """A dataset built and read inside torch.inference_mode() (its permutation is then an
+    inference tensor) gathers what it gathers outside."""
+    device, kernel_calls = _on(name, request)
+    keys = {"obs": ((2, 3), torch.float32), "k": ((), torch.int64)}
+    with use_backend("torch"):
+        buf = _rollout(device, keys=keys)
+    want = _eager(buf)
+    with use_backend(name):
+        d = buf.make_dict() if lazy else _eager(buf)
+        with torch.inference_mode():
+            ds = DictDataset(7, d, shuffle=True)
+            for i, batch in enumerate(ds):
+                _assert_same(batch, _expected_batches(ds, want)[i])
+        assert _made(name, flattens, kernel_calls) == 0 and (_pending(d) or not lazy)
+
+
+# ---------------------------------------------------------------------------------------------
 # torch.compile
 # ---------------------------------------------------------------------------------------------
 
