@@ -59,11 +59,12 @@ KEYS = {f"k_{str(dt).removeprefix('torch.')}": ((), dt) for dt in DTYPES} | {
 
 @pytest.fixture(autouse=True)
 def _lazy_mode():
-    """Every test starts lazy (whatever ROLLOUT_BUFFERS_LAZY_MAKE_DICT says) and leaves the
-    switch as it found it."""
+    """Every test starts lazy on the torch backend (whatever ROLLOUT_BUFFERS_LAZY_MAKE_DICT and
+    ROLLOUT_BUFFERS_BACKEND say; a triton test says so itself) and leaves both as it found them."""
     before = lazy_make_dict()
     set_lazy_make_dict(True)
-    yield
+    with use_backend("torch"):
+        yield
     set_lazy_make_dict(before)
 
 
