@@ -10,8 +10,12 @@ minibatches never materializes the flattened rollout.
 
 Every way of reading a value goes through the materialization: ``d[k]``, ``get``, ``items()``,
 ``values()``, iteration then indexing, ``pop``, ``popitem``, ``setdefault``, ``copy()``,
-``dict(d)``, ``{**d}``, ``d | other``, ``==``, ``repr``, pickling (a FlatDict pickles as a plain
-dict). Keys the caller adds or replaces are plain values.
+``dict(d)``, ``{**d}``, ``d | other``, ``==``, ``repr``, pickling and ``torch.save`` (a FlatDict
+pickles as a plain dict, which ``torch.load`` with ``weights_only`` accepts once this module is
+imported), torch's pytree. ``type(d)(...)`` and ``fromkeys`` build plain dicts, as the eager
+dict's type did. Keys the caller adds or replaces are plain values. Values are made in the
+inference mode ``make_dict()`` ran in, whenever they are made; a buffer whose storages are
+inference tensors (no version counter to watch) gets its values made at once.
 
 Two promises keep the values what the eager copy would have been:
 
@@ -22,8 +26,9 @@ Two promises keep the values what the eager copy would have been:
 - **Writes that bypass the API are caught.** Each pending value remembers its storage's
   version counter (``tensor._version``, bumped by every in-place write); reading a value whose
   storage was written since (``buffer.obs[...] = x``, ``buffer.obs.mul_(2)``) raises
-  :class:`StaleRolloutError` naming the key, never returns the new data. A write through a raw
-  pointer or from another process does not bump the counter and cannot be detected.
+  :class:`StaleRolloutError` naming the key, never returns the new data. A write that does
+  not bump the counter cannot be detected: through a raw pointer, DLPack, ``.numpy()``,
+  ``tensor.data``, another process, a kernel outside PyTorch, a replayed CUDA graph.
 
 The eager behaviour (a plain dict of copies) comes back with :func:`set_lazy_make_dict` or the
 environment variable ``ROLLOUT_BUFFERS_LAZY_MAKE_DICT=0``.
