@@ -907,6 +907,8 @@ def test_a_dataset_built_and_read_inside_inference_mode(name, lazy, request, fla
             ds = DictDataset(7, d, shuffle=True)
             for i, batch in enumerate(ds):
                 _assert_same(batch, _expected_batches(ds, want)[i])
+        if name == "triton":
+            assert kernel_calls.count("permuted_gather") == len(ds)
         assert _made(name, flattens, kernel_calls) == 0 and (_pending(d) or not lazy)
 
 
