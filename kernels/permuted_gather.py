@@ -245,24 +245,13 @@ class Gatherer:
         return outs
 
 
-_GATHERERS: dict[tuple, Gatherer] = {}
-
-
 def gatherer(srcs: Sequence[Tensor], modes: Sequence[int], lengths: Sequence[int], n: int,
              count: int, wrap: bool = False, seq: int = 1,
              first_step: Sequence[bool] | None = None) -> Gatherer:  # fmt: skip
-    """The :class:`Gatherer` of these arguments, built once per distinct sources and sizes."""
-    key = (n, count, wrap, seq, tuple(modes), tuple(lengths),
-           None if first_step is None else tuple(first_step)) + tuple(
-        (s.data_ptr(), s.shape, s.stride(), s.dtype, s.device, s.is_neg(), s.is_conj())
-        for s in srcs
-    )  # fmt: skip
-    g = _GATHERERS.get(key)
-    if g is None:
-        if len(_GATHERERS) >= 256:
-            _GATHERERS.clear()
-        g = _GATHERERS[key] = Gatherer(srcs, modes, lengths, n, count, wrap, seq, first_step)
-    return g
+    """A :class:`Gatherer` of these arguments (not cached here: it holds its sources, which a
+    module-level cache would keep alive; the caller, a dataset, keeps it; its table is cached
+    by content)."""
+    return Gatherer(srcs, modes, lengths, n, count, wrap, seq, first_step)
 
 
 def permuted_gather(

@@ -202,18 +202,11 @@ class StepWriter:
             plan.generic(self.table, tuple(args), s_us, index)
 
 
-_WRITERS: dict[tuple, StepWriter] = {}
-
-
 def step_writer(dsts: Sequence[Tensor]) -> StepWriter:
-    """The :class:`StepWriter` of ``dsts``, built once per distinct list of storages."""
-    key = tuple((d.data_ptr(), d.shape, d.dtype, d.device) for d in dsts)
-    w = _WRITERS.get(key)
-    if w is None:
-        if len(_WRITERS) >= 256:
-            _WRITERS.clear()
-        w = _WRITERS[key] = StepWriter(dsts)
-    return w
+    """A :class:`StepWriter` of ``dsts``. Not cached here: a writer holds its destinations,
+    and the caller (a buffer) keeps it as long as they live. Its descriptor table is cached by
+    content, so a second writer of the same storages costs no new table."""
+    return StepWriter(dsts)
 
 
 def step_write(dsts: Sequence[Tensor], index: int, srcs: Sequence[Tensor]) -> None:

@@ -144,19 +144,10 @@ class Flattener:
         return outs
 
 
-_FLATTENERS: dict[tuple, Flattener] = {}
-
-
 def flattener(srcs: Sequence[Tensor]) -> Flattener:
-    """The :class:`Flattener` of ``srcs``, built once per distinct list of sources."""
-    key = tuple((s.data_ptr(), s.shape, s.stride(), s.dtype, s.device, s.is_neg(), s.is_conj())
-                for s in srcs)  # fmt: skip
-    f = _FLATTENERS.get(key)
-    if f is None:
-        if len(_FLATTENERS) >= 256:
-            _FLATTENERS.clear()
-        f = _FLATTENERS[key] = Flattener(srcs)
-    return f
+    """A :class:`Flattener` of ``srcs`` (not cached here: it holds its sources; the caller keeps
+    it as long as they live; its table is cached by content)."""
+    return Flattener(srcs)
 
 
 def transpose_flatten(srcs: Sequence[Tensor]) -> list[Tensor]:

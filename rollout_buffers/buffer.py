@@ -700,12 +700,16 @@ _TOKENS = itertools.count(1)
 def _update_step_op(
     dsts: list[Tensor], index: int, srcs: list[Tensor], token: int, keys: str
 ) -> None:
+    buffer = _LIVE_BUFFERS.get(token)
+    if buffer is not None and buffer._lender.refs:
+        # Copy-on-write, as the eager update_step does before writing. The dispatcher has
+        # already bumped the destinations' version counters for this call: not a bypass.
+        buffer._lender.settle(bumped=dsts)
     # The eager path's overlap check, here where the tensors are real (see update_step).
     if check_sources(keys.split("\0"), dsts, index, srcs, "update_step"):
         ops.torch_write_step(dsts, index, srcs)
     else:
         ops.write_step(dsts, index, srcs)
-    buffer = _LIVE_BUFFERS.get(token)
     if buffer is not None:
         buffer._mark_steps(keys.split("\0"), index)
 

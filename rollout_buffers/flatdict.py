@@ -1,12 +1,14 @@
 """FlatDict: what ``make_dict()`` and ``get_dict()`` return, the flattened rollout without the copy.
 
 A ``dict`` (``isinstance(d, dict)`` holds) of ``{key: swap_and_flatten01(buffer.<key>)}``,
-env-major ``(num_envs * num_steps, *shape)``, whose values are produced when one is first read:
-the first read of any value flattens every value still pending, in one launch, into new
-tensors bit-identical to the eager copy. Until then the mapping holds only the buffer's
-``(num_steps, num_envs, ...)`` storages, and ``DictDataset`` gathers its minibatches straight
-from them (env-major row ``r`` is ``storage[r % T, r // T]``), so an epoch that only reads
-minibatches never materializes the flattened rollout.
+env-major ``(num_envs * num_steps, *shape)``, whose values are produced when first read, into
+new tensors bit-identical to the eager copy: reading one value (``d[k]``, ``get``, ``pop``)
+makes that value; reading them all (``items()``, ``values()``, ``dict(d)``, ``==``...) or
+iterating the mapping first (``for k in d: d[k]``) makes every value still pending, in one
+launch. Until then the mapping holds only the buffer's ``(num_steps, num_envs, ...)``
+storages, and ``DictDataset`` gathers its minibatches straight from them (env-major row ``r``
+is ``storage[r % T, r // T]``), so an epoch that only reads minibatches never materializes
+the flattened rollout; one that reads a key or two (AMP's replay buffer) makes those alone.
 
 Every way of reading a value goes through the materialization: ``d[k]``, ``get``, ``items()``,
 ``values()``, iteration then indexing, ``pop``, ``popitem``, ``setdefault``, ``copy()``,
@@ -132,6 +134,7 @@ class FlatDict(dict):
         # Bumped whenever what a value is made of changes (materialized, set, deleted): a
         # DictDataset compares it to know whether its prepared gather still applies.
         self._state = 0
+        self._bulk = False  # iterated: the next single read makes every value (see _ready)
 
     @property
     def _pending(self) -> list:
@@ -151,6 +154,13 @@ class FlatDict(dict):
         back; a few attribute reads when none was (a dataset calls it for every minibatch)."""
         if list(map(_version, self._pstorages)) != self._pversions:
             self._check_versions()
+
+    def _forgive(self, bumped: Sequence[Tensor]) -> None:
+        """Take one version bump of these storages as not a write (see Lender.settle)."""
+        ptrs = {(t.data_ptr(), t.shape) for t in bumped}
+        for i, st in enumerate(self._pstorages):
+            if (st.data_ptr(), st.shape) in ptrs and st._version == self._pversions[i] + 1:
+                self._pversions[i] = st._version
 
     def _stale(self) -> list[str]:
         return [
@@ -173,36 +183,40 @@ class FlatDict(dict):
 
     # -- materialization -----------------------------------------------------------------------
 
-    def materialize(self) -> None:
-        """Flatten every pending value now, in one launch (a no-op when none is pending).
+    def materialize(self, keys: Sequence[Any] | None = None) -> None:
+        """Flatten pending values now, in one launch: every one (``keys`` None), or those of
+        ``keys`` (a no-op for values already made).
 
         A value whose storage was written behind the API's back is left pending: reading it
         raises :class:`StaleRolloutError`; the others are made as usual.
         """
-        keys = self._pkeys
-        if not keys:
+        pk = self._pkeys
+        if not pk:
             return
         storages = self._pstorages
-        if list(map(_version, storages)) == self._pversions:
-            if len(keys) == self._nall:
+        if keys is None and list(map(_version, storages)) == self._pversions:
+            if len(pk) == self._nall:
                 outs = self._flatten_in_mode(self._flatten_all)
             else:
                 outs = self._flatten_in_mode(self._flatten, storages)
-            dict.update(self, zip(keys, outs))
+            dict.update(self, zip(pk, outs))
             self._pkeys, self._pstorages, self._pversions = [], [], []
         else:
             stale = set(self._stale())
-            fresh = [i for i, k in enumerate(keys) if k not in stale]
-            if fresh:
-                outs = self._flatten_in_mode(self._flatten, [storages[i] for i in fresh])
-                dict.update(self, zip([keys[i] for i in fresh], outs))
-            keep = [i for i, k in enumerate(keys) if k in stale]
-            self._pkeys = [keys[i] for i in keep]
+            wanted = set(pk) if keys is None else {k for k in keys if k in pk}
+            make = [i for i, k in enumerate(pk) if k in wanted and k not in stale]
+            if not make:
+                return
+            outs = self._flatten_in_mode(self._flatten, [storages[i] for i in make])
+            dict.update(self, zip([pk[i] for i in make], outs))
+            keep = [i for i in range(len(pk)) if i not in set(make)]
+            self._pkeys = [pk[i] for i in keep]
             self._pstorages = [storages[i] for i in keep]
             self._pversions = [self._pversions[i] for i in keep]
         self._state += 1
-        if self._release is not None:
-            self._release(self)
+        if keys is None or not self._pkeys:
+            if self._release is not None:
+                self._release(self)  # nothing left to copy before the buffer is written
         if not self._pkeys:
             # Every value made: from now on a plain dict (C-speed reads), still a FlatDict for
             # isinstance, holding no reference to the buffer any more.
@@ -217,8 +231,14 @@ class FlatDict(dict):
             return fn(*args)
 
     def _ready(self, keys: Sequence[Any] | None = None) -> None:
-        """Materialize, then refuse a read of a stale value (of ``keys``; default: any)."""
-        self.materialize()
+        """Make the values a read needs, then refuse a read of a stale one.
+
+        ``keys``: a read of those values only (``d[k]``, ``get``, ``pop``, ``setdefault``):
+        they alone are made, unless the mapping was iterated (``for k in d``, ``keys()``,
+        ``dict(d)``...), a sign that every value will be read: then all at once, in one
+        launch. ``None``: a read of every value (``items()``, ``values()``, ``==``...).
+        """
+        self.materialize(keys if keys is not None and not self._bulk else None)
         if type(self) is FlatDict and self._pkeys:
             self._check_versions(keys)
 
@@ -253,9 +273,15 @@ class FlatDict(dict):
         return dict.items(self)
 
     def __iter__(self) -> Iterator:
-        # Overridden (it only yields keys) so that dict(d), {**d} and d | other take the path
-        # that reads values through __getitem__, not CPython's raw copy of the slots.
+        # Overridden so that dict(d), {**d} and d | other take the path that reads values
+        # through __getitem__, not CPython's raw copy of the slots; and a mapping iterated is
+        # about to be read whole: its next read makes every value in one launch.
+        self._bulk = True
         return dict.__iter__(self)
+
+    def keys(self):  # type: ignore[override]
+        self._bulk = True  # dict(d), {**d}, f(**d) call keys() and then read every value
+        return dict.keys(self)
 
     def pop(self, key: Any, default: Any = _MISSING) -> Any:
         if self._pkeys:
@@ -364,6 +390,7 @@ class _Made(FlatDict):
     get = dict.get
     values = dict.values
     items = dict.items
+    keys = dict.keys
     __iter__ = dict.__iter__
     pop = dict.pop
     popitem = dict.popitem
@@ -465,11 +492,18 @@ class Lender:
     def release(self, d: FlatDict) -> None:
         self.refs = [r for r in self.refs if r() is not None and r() is not d]
 
-    def settle(self) -> None:
+    def settle(self, bumped: Sequence[Tensor] = ()) -> None:
         """Materialize every outstanding FlatDict (before the storages are written); a value
-        already stale stays pending and raises when read."""
+        already stale stays pending and raises when read.
+
+        ``bumped``: storages whose version counter the caller's own operator has already
+        bumped once, before writing them (torch's dispatcher does it for the mutated
+        arguments of a custom op): one bump of those is not a write behind the API's back.
+        """
         for ref in list(self.refs):
             d = ref()
             if d is not None and type(d) is FlatDict:
+                if bumped:
+                    d._forgive(bumped)
                 d.materialize()
         self.refs = []

@@ -275,8 +275,15 @@ class _TorchGatherer:
         return out
 
     def __call__(self, perm: Tensor, start: int) -> list[Tensor]:
-        if self.perm is None or self.perm[0] is not perm or self.perm[1] != perm._version:
-            self.perm, self.rows = (perm, perm._version), self._rows(perm)
+        # An inference tensor keeps no version counter: its rows are worked out every call.
+        version = None if perm.is_inference() else perm._version
+        if (
+            self.perm is None
+            or self.perm[0] is not perm
+            or version is None
+            or self.perm[1] != version
+        ):
+            self.perm, self.rows = (perm, version), self._rows(perm)
         end = start + self.count
         idx = [r[start:end] for r in self.rows]
         old = self.history[0] if len(self.history) == 2 else None

@@ -263,12 +263,16 @@ def test_a_made_mapping_reads_like_a_dict_and_holds_no_buffer(flattens):
     buf = _rollout()
     want = _eager(buf)
     d = buf.make_dict()
-    d["obs"]
+    d["obs"]  # one value read: that value alone is made
+    assert type(d) is FlatDict and _pending(d) and len(flattens) == 1 and len(flattens[0]) == 1
+    for key in d:  # iterated, then read: every value still pending is made at once
+        d[key]
+    assert len(flattens) == 2 and len(flattens[1]) == len(KEYS) - 1
     assert type(d) is flatdict._Made and isinstance(d, FlatDict) and isinstance(d, dict)
     assert vars(d) == {}  # no storages, no buffer: only the values
     _assert_same(dict(d), want)
     _assert_same({**d}, want)
-    assert len(flattens) == 1
+    assert len(flattens) == 2
     ref = weakref.ref(buf)
     del buf
     gc.collect()
@@ -287,7 +291,10 @@ def test_keys_the_caller_adds_or_replaces_are_plain_values(flattens):
     del d["k_int32"]
     assert flattens == [] and _pending(d)  # none of that read a pending value
     assert d["extra"] is extra and d["more"] is later and d["obs"] is replaced
+    assert flattens == []  # reading plain values makes nothing
     assert d.setdefault("sd", later) is later
+    assert flattens == []  # nor does a key that is not pending
+    list(d.values())
     # one flatten, of exactly the values still pending (not obs, not the deleted key)
     assert len(flattens) == 1
     pending = [k for k in KEYS if k not in ("obs", "k_int32")]
@@ -327,7 +334,7 @@ def test_equality_and_inequality_match_the_eager_dict():
     assert d == d
     # one made, the other pending: in both orders
     made, pending = buf.get_dict(), buf.get_dict()
-    made["a"]
+    made.values()
     assert type(made) is flatdict._Made and _pending(pending)
     assert made == pending and pending == made
     assert not (made != pending) and not (pending != made)
@@ -664,9 +671,9 @@ def test_amp_replay_keeps_what_the_eager_dict_gave_across_the_next_rollout(name,
             replay = {"amp_obs": d1["amp_obs"]}  # read now: made now, the eager copy
             d2 = buf.get_dict()  # kept unread
             made = _made(name, flattens, kernel_calls)
-            for t in range(T):  # the next rollout: d2 is copied at its first write, once
-                buf.update_step(t, _step_data(buf, seed=10 + t))
-            assert _made(name, flattens, kernel_calls) == made + 1
+            for t in range(T):  # the next rollout: d1's unread value and d2 are copied at
+                buf.update_step(t, _step_data(buf, seed=10 + t))  # its first write, once each
+            assert _made(name, flattens, kernel_calls) == made + 2
             second = _eager(buf)
             d3 = buf.make_dict()
             _assert_same(replay, {"amp_obs": first["amp_obs"]})
@@ -751,11 +758,11 @@ def test_a_write_bypassing_the_api_is_caught_not_served(bypass, flattens):
     with pytest.raises(StaleRolloutError) as info:
         d["obs"]
     _assert_stale(info, "obs")
-    # the other values were made (one flatten, obs left out) and are the eager ones
-    assert len(flattens) == 1 and len(flattens[0]) == len(KEYS) - 1
-    for key in KEYS:
+    assert flattens == []  # a read of one value makes that value alone: here nothing
+    for key in d:  # iterated: the first read makes every fresh value (one flatten, not obs)
         if key != "obs":
             assert torch.equal(bits(d[key]), bits(want[key])), key
+    assert len(flattens) == 1 and len(flattens[0]) == len(KEYS) - 1
     with pytest.raises(StaleRolloutError):
         d.get("obs")  # still refused, on every later read
 
@@ -875,20 +882,11 @@ def test_make_dict_of_a_buffer_built_under_inference_mode():
     _assert_same(ds[1], _expected_batches(ds, want)[1])
 
 
-_INFERENCE_PERM_BUG = pytest.mark.xfail(
-    strict=True,
-    raises=RuntimeError,
-    reason="ops.py _TorchGatherer.__call__ (line 278) keys its cached rows on perm._version; a "
-    "permutation made under torch.inference_mode() (the dataset built or shuffled there) is an "
-    "inference tensor, whose _version raises 'Inference tensors do not track version counter'",
-)
-
-
 @pytest.mark.parametrize(
     "name, lazy",
     [
-        pytest.param("torch", False, marks=_INFERENCE_PERM_BUG),
-        pytest.param("torch", True, marks=_INFERENCE_PERM_BUG),
+        ("torch", False),
+        ("torch", True),
         ("triton", True),
     ],
     ids=["torch-eager dict", "torch-lazy mapping", "triton-lazy mapping"],
@@ -917,14 +915,6 @@ def test_a_dataset_built_and_read_inside_inference_mode(name, lazy, request, fla
 # ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=StaleRolloutError,
-    reason="buffer.py _update_step_slow: under torch.compile the write is the "
-    "rollout_buffers::update_step custom op, traced before the copy-on-write settle() (the "
-    "compiling branch returns first), and the op's impl never settles; settling there is not "
-    "enough either: the dispatcher has bumped the storages' versions before the impl runs",
-)
 def test_a_compiled_update_step_copies_a_kept_mapping_first():
     torch._dynamo.reset()
     buf = _rollout(keys={"obs": ((4,), torch.float32)})
@@ -937,3 +927,30 @@ def test_a_compiled_update_step_copies_a_kept_mapping_first():
     d = buf.make_dict()
     compiled(buf, 0, torch.randn(N, 4))
     _assert_same(d, want)
+
+
+@pytest.mark.parametrize("name", ["torch", "triton"])
+def test_reading_one_value_makes_it_alone_and_a_dataset_gathers_the_rest(name, request, flattens):
+    """AMP reads a key or two of make_dict's mapping (its replay buffer) before building the
+    dataset: those values are made, one launch each; the rest stays unflattened and the
+    dataset gathers it from the buffer's storage, minibatches bit-identical to the eager ones."""
+    device, kernel_calls = _on(name, request)
+    with use_backend("torch"):
+        buf = _rollout(device)
+        want = _eager(buf)
+    with use_backend(name):
+        d = buf.make_dict()
+        replay = d["obs"]
+        assert _made(name, flattens, kernel_calls) == 1 and _pending(d)
+        if name == "torch":
+            assert len(flattens[0]) == 1  # obs alone
+        assert torch.equal(bits(replay), bits(want["obs"]))
+        ds = DictDataset(7, d, shuffle=True, generator=torch.Generator(device).manual_seed(1))
+        got = [ds[i] for i in range(len(ds))]
+        assert _made(name, flattens, kernel_calls) == 1  # the epoch made nothing more
+        if name == "triton":
+            assert kernel_calls.count("permuted_gather") == len(ds)
+        for i, batch in enumerate(got):
+            rows = ds.shuffled_to_original[i * 7 : (i + 1) * 7]
+            for key in KEYS:
+                assert torch.equal(bits(batch[key]), bits(want[key][rows])), (i, key)
