@@ -2,7 +2,9 @@
 
 Every training iteration: write every key of every step of the rollout (fresh random data,
 made before timing and reused from a small rotating pool), make_dict, build a shuffled
-DictDataset and iterate every minibatch of every mini-epoch (reshuffling each). The same loop
+DictDataset and iterate every minibatch of every mini-epoch (reshuffling each). make_dict's
+mapping is lazy: the minibatches are gathered from the buffer, with no flattened copy; the demo
+also prints the memory an epoch costs. The same loop
 runs with rollout_buffers (auto backend, ``update_step`` for all keys of a step) and with the
 original module (bench/original.py, per-key ``update_data``), interleaved; at the end a table
 of per-phase times. Full size on a GPU; on CPU the number of envs is scaled down so that the
@@ -77,6 +79,16 @@ def main() -> None:
         f"({'CUDA events' if device.type == 'cuda' else 'wall clock'}, {args.warmup} warm-up excluded):"
     )
     print(c.text_table(["phase", OURS, ORIG, "original / ours"], rows))
+    mem = {n: c.epoch_memory(w, impls[n], device) for n in impls}
+    what = (
+        "peak allocated over one epoch (torch.cuda.max_memory_allocated, above the buffers)"
+        if device.type == "cuda"
+        else "flattened copies of the rollout one epoch makes"
+    )
+    print(
+        f"\nmemory per epoch, {what}: "
+        + ", ".join(f"{n} {m / 2**20:.1f} MiB" for n, m in mem.items())
+    )
 
 
 if __name__ == "__main__":
