@@ -32,10 +32,6 @@ def _check(name: str) -> str:
 
 _backend = _check(os.environ.get(_ENV, "auto") or "auto")
 _triton_ok: bool | None = None
-# Bumped whenever the backend changes (not when it is set to what it already is): callers that
-# prepared work for one backend (a buffer's step writer, a dataset's gather) compare it to know
-# whether their preparation still applies.
-epoch = 0
 
 
 def get_backend() -> str:
@@ -45,27 +41,19 @@ def get_backend() -> str:
 
 def set_backend(name: str) -> None:
     """Select the backend for every later operation (``'auto'``, ``'triton'`` or ``'torch'``)."""
-    global _backend, epoch
-    name = _check(name)
-    if name != _backend:
-        _backend = name
-        epoch += 1
+    global _backend
+    _backend = _check(name)
 
 
 @contextlib.contextmanager
 def use_backend(name: str) -> Iterator[None]:
     """Context manager that selects a backend for the duration of a ``with`` block."""
-    global _backend, epoch
-    previous, name = _backend, _check(name)
-    if name != previous:
-        _backend = name
-        epoch += 1
+    global _backend
+    previous, _backend = _backend, _check(name)
     try:
         yield
     finally:
-        if _backend != previous:
-            _backend = previous
-            epoch += 1
+        _backend = previous
 
 
 def triton_available() -> bool:

@@ -91,16 +91,16 @@ class _Spec:
         # One view per step, made once: update_data writes steps[t].copy_(x), one operator
         # where `tensor[t] = x` is two (select, then copy_), each a dispatch on the host.
         self.steps = ops.step_views(tensor)
-        self.writer = None  # backend 'triton': the key's step writer, and the epoch it is for
+        self.writer = None  # backend 'triton': the key's step writer
 
 
 class _StepPlan:
     """update_step's prepared write of one tuple of keys: the destinations, what a source must
     be to take the fast path (shape, dtype, device; contiguous, not a view), the backend's
-    writer, and the step bookkeeping. Valid while the backend and every buffer tensor are
-    those it was built with (update_step checks both on every call)."""
+    writer for each backend it ran under, and the step bookkeeping. Valid while every buffer
+    tensor is the one it was built with (update_step checks on every call)."""
 
-    __slots__ = ("keys", "dsts", "shapes", "dtypes", "device", "writer", "marks", "epoch")
+    __slots__ = ("keys", "dsts", "shapes", "dtypes", "device", "writers", "marks")
 
     def __init__(self, keys: tuple, specs: Sequence[_Spec]) -> None:
         self.keys = keys
@@ -108,9 +108,14 @@ class _StepPlan:
         self.shapes = tuple(s.row_shape for s in specs)
         self.dtypes = tuple(s.dtype for s in specs)
         self.device = specs[0].device
-        self.writer = ops.step_writer(self.dsts)
+        self.writers: dict[str, Any] = {}  # backend name -> the writer it picks here
         self.marks = tuple((k, s.written) for k, s in zip(keys, specs))
-        self.epoch = backend.epoch
+
+    def writer(self):
+        w = self.writers.get(backend._backend)
+        if w is None:
+            w = self.writers[backend._backend] = ops.step_writer(self.dsts)
+        return w
 
 
 _STRIDED = torch.strided
@@ -174,7 +179,7 @@ class ExperienceBuffer(nn.Module):
         # The FlatDicts make_dict/get_dict handed out that still hold unread values: copied
         # before the storages are written again (copy-on-write).
         self._lender = _flat.Lender()
-        # get_dict's prepared flatten: (keys, storages, flattener, backend epoch).
+        # get_dict's prepared flatten: (keys, storages, {backend name: flattener}).
         self._dict_plan: tuple | None = None
         self._register_token()
 
@@ -348,11 +353,11 @@ class ExperienceBuffer(nn.Module):
             pass
         elif backend._backend == "triton":  # the step-write kernel, as requested
             w = spec.writer
-            if w is None or w[1] != backend.epoch:
-                w = spec.writer = (ops.step_writer((spec.tensor,)), backend.epoch)
+            if w is None:
+                w = spec.writer = ops.step_writer((spec.tensor,))
             if data.dtype is not spec.dtype or data.shape != spec.row_shape:
                 data = ops.as_source(spec.tensor, data)
-            w[0](index, (data,))
+            w(index, (data,))
         else:  # a single key: PyTorch's own copy costs the host least, on every device
             spec.steps[index].copy_(data)
         if not spec.written[index]:
@@ -373,9 +378,9 @@ class ExperienceBuffer(nn.Module):
         # write (see _StepPlan) after a few compares per key; anything else takes
         # _update_step_slow, which validates in full, converts and explains.
         plan = self._step_plans.get(tuple(tensors)) if type(tensors) is dict else None
+        writer = plan.writers.get(backend._backend) if plan is not None else None
         if (
-            plan is not None
-            and plan.epoch == backend.epoch
+            writer is not None
             and not self._lender.refs
             and not self._view_buffers
             and all(map(_is, map(self._buffers.__getitem__, plan.keys), plan.dsts))
@@ -397,7 +402,7 @@ class ExperienceBuffer(nn.Module):
                     ):
                         break
                 else:
-                    plan.writer.dense(index, srcs)
+                    writer.dense(index, srcs)
                     store = self.store_dict
                     for key, written in plan.marks:
                         if not written[index]:
@@ -456,7 +461,7 @@ class ExperienceBuffer(nn.Module):
             if plan is None:
                 ops.write_step(dsts, index, srcs)
             else:
-                writer = plan.writer
+                writer = plan.writer()
                 if writer.exact:
                     srcs = [ops.as_source(d, x) for d, x in zip(dsts, srcs)]
                 writer(index, srcs)
@@ -467,13 +472,9 @@ class ExperienceBuffer(nn.Module):
                 store[key] += index + 1
 
     def _step_plan(self, keys: tuple, specs: list) -> _StepPlan:
-        """The prepared write of ``keys`` (built once per tuple of keys and backend)."""
+        """The prepared write of ``keys`` (built once per tuple of keys)."""
         plan = self._step_plans.get(keys)
-        if (
-            plan is None
-            or plan.epoch != backend.epoch
-            or any(p is not s.tensor for p, s in zip(plan.dsts, specs))
-        ):
+        if plan is None or any(p is not s.tensor for p, s in zip(plan.dsts, specs)):
             if len(self._step_plans) >= 64:
                 self._step_plans.clear()
             plan = self._step_plans[keys] = _StepPlan(keys, specs)
@@ -654,7 +655,6 @@ class ExperienceBuffer(nn.Module):
         plan = self._dict_plan
         if (
             plan is None
-            or plan[3] != backend.epoch
             or len(plan[0]) != len(self._specs)
             or not all(map(_is, map(self._buffers.get, plan[0]), plan[1]))
         ):
@@ -662,8 +662,11 @@ class ExperienceBuffer(nn.Module):
             if not keys:
                 return {}
             storages = tuple(self._spec(k).tensor for k in keys)
-            plan = self._dict_plan = (keys, storages, ops.flattener(storages), backend.epoch)
-        keys, storages, flatten_all, _ = plan
+            plan = self._dict_plan = (keys, storages, {})
+        keys, storages, flatteners = plan
+        flatten_all = flatteners.get(backend._backend)
+        if flatten_all is None:  # a backend that cannot run here says so now
+            flatten_all = flatteners[backend._backend] = ops.flattener(storages)
         if not _flat.lazy_make_dict():
             return dict(zip(keys, flatten_all()))
         d = _flat.FlatDict(keys, storages, flatten_all, self._flatten, self._lender.release)

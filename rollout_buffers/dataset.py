@@ -236,9 +236,10 @@ class DictDataset(Dataset):
                 or not all(map(operator.is_, values, plan.values))
             ):
                 plan = self._prepare(td)
-        if plan.epoch != backend.epoch or plan.wrap != self._wrap:
-            plan.ready(self)
-        outs = plan.gather(perm, index * self.batch_size)
+        gather = plan.gathers.get((backend._backend, self._wrap))
+        if gather is None:
+            gather = plan.ready(self)
+        outs = gather(perm, index * self.batch_size)
         return dict(zip(plan.keys, outs))
 
     def _prepare(self, td: Any) -> _Plan:
@@ -293,25 +294,23 @@ class DictDataset(Dataset):
 
 class _Plan:
     """What a dataset prepared for one state of its ``tensor_dict``: the keys and sources it
-    validated, and their gather for the current backend and permutation kind (built at the
-    first batch, rebuilt when either changes)."""
+    validated, and their gather for each backend and permutation kind it ran under (built at
+    the first batch that needs it)."""
 
-    __slots__ = ("keys", "values", "modes", "lengths", "source", "state", "gather", "wrap",
-                 "epoch")  # fmt: skip
+    __slots__ = ("keys", "values", "modes", "lengths", "source", "state", "gathers")
 
     def __init__(self, keys: tuple, values: list, modes: list, lengths: list, source: Any):
         self.keys, self.values, self.modes, self.lengths = keys, values, modes, lengths
         self.source = source
         self.state = source._state if type(source) is FlatDict else None
-        self.gather = None
-        self.wrap = None
-        self.epoch = -1
+        self.gathers: dict[tuple, Any] = {}  # (backend name, wrap) -> gather
 
-    def ready(self, ds: DictDataset) -> None:
-        self.gather = ops.gatherer(
+    def ready(self, ds: DictDataset):
+        g = ops.gatherer(
             self.values, self.modes, self.lengths, ds.num_tensors, ds.batch_size, ds._wrap
         )
-        self.wrap, self.epoch = ds._wrap, backend.epoch
+        self.gathers[(backend._backend, ds._wrap)] = g
+        return g
 
 
 def _sources(td: Any) -> list[tuple[Any, Any, int, bool]]:
