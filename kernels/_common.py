@@ -123,13 +123,6 @@ def n_programs(nbytes: int) -> int:
     return -(-nbytes // BLOCK_BYTES)
 
 
-def device_guard(t: torch.Tensor):
-    """Launch on ``t``'s device: Triton launches on the current device, not the tensor's."""
-    if t.device.type == "cuda":
-        return torch.cuda.device(t.device)
-    return contextlib.nullcontext()
-
-
 def next_pow2(n: int) -> int:
     return 1 << max(n - 1, 0).bit_length()
 

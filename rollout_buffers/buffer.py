@@ -323,7 +323,7 @@ class ExperienceBuffer(nn.Module):
         # The hot path of a rollout loop: the common case (a known key, an in-range int step,
         # a tensor of the key's row shape and device, of its dtype or one PyTorch casts, not a
         # view) costs a few compares; anything else takes the slow path that validates in full
-        # and explains. One key: PyTorch's own copy (ops.write_row), the cheapest on the host.
+        # and explains. One key: PyTorch's own copy, the cheapest on the host.
         spec = self._specs.get(key) if type(key) is str else None
         if spec is None or self._buffers[key] is not spec.tensor:
             spec = self._spec(key)

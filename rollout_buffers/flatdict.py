@@ -136,10 +136,6 @@ class FlatDict(dict):
         self._state = 0
         self._bulk = False  # iterated: the next single read makes every value (see _ready)
 
-    @property
-    def _pending(self) -> list:
-        return self._pkeys
-
     # -- what DictDataset reads without materializing ----------------------------------------
 
     def _sources(self) -> list[tuple[str, Tensor, bool]]:

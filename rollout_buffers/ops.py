@@ -26,7 +26,6 @@ __all__ = [
     "ROWS",
     "ENV_MAJOR",
     "write_step",
-    "write_row",
     "flatten",
     "gather",
     "torch_write_step",
@@ -137,7 +136,7 @@ def _bytes_of(t: Tensor) -> Tensor:
     return t
 
 
-def _as_source(dst: Tensor, src: Tensor) -> Tensor:
+def as_source(dst: Tensor, src: Tensor) -> Tensor:
     """``src`` made exactly what the kernel expects: ``dst``'s dtype, device and row shape.
 
     Views where possible (``expand`` costs no copy; the kernel reads stride-0 rows in place).
@@ -152,12 +151,6 @@ def _as_source(dst: Tensor, src: Tensor) -> Tensor:
     if src.shape != shape:
         src = src.expand(shape)
     return _bytes_of(src)
-
-
-def as_source(dst: Tensor, src: Tensor) -> Tensor:
-    """``src`` made what a kernel writer takes for step rows of ``dst``: ``dst``'s dtype, device
-    and row shape (a cast or an expand where PyTorch's assignment would make one)."""
-    return _as_source(dst, src)
 
 
 def _kernels_for(t: Tensor) -> bool:
@@ -332,21 +325,9 @@ def write_step(dsts: Sequence[Tensor], index: int, srcs: Sequence[Tensor]) -> No
     if (d0.is_cuda or backend.get_backend() == "triton") and backend.use_triton(d0.device):
         from . import kernels
 
-        kernels.step_write(dsts, index, [_as_source(d, s) for d, s in zip(dsts, srcs, strict=True)])
+        kernels.step_write(dsts, index, [as_source(d, s) for d, s in zip(dsts, srcs, strict=True)])
     else:
         torch_write_step(dsts, index, srcs)
-
-
-def write_row(dst: Tensor, index: int, src: Tensor) -> None:
-    """:func:`write_step` for one key (``update_data``). Under ``auto`` a bare assignment on
-    every device: for one key, PyTorch's own copy costs the host less than any Triton launch
-    (~3 us against ~5-8 us). Backend ``triton`` runs the step-write kernel."""
-    if backend._backend == "triton" and backend.use_triton(dst.device):
-        from . import kernels
-
-        kernels.step_write((dst,), index, (_as_source(dst, src),))
-    else:
-        dst[index] = src
 
 
 def flatten(srcs: Sequence[Tensor]) -> list[Tensor]:

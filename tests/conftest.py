@@ -152,3 +152,16 @@ def kernel_calls(monkeypatch):
 
         monkeypatch.setattr(owner, attr, spy)
     return calls
+
+
+def kernel_device() -> str:
+    """Where the Triton kernels can run here: CUDA, else CPU under the interpreter (skips
+    otherwise)."""
+    pytest.importorskip("triton")
+    if torch.cuda.is_available():
+        return "cuda"
+    from rollout_buffers.backend import interpreter_enabled
+
+    if not interpreter_enabled():
+        pytest.skip("no CUDA and TRITON_INTERPRET is off")
+    return "cpu"

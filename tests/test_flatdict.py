@@ -24,7 +24,7 @@ import weakref
 import numpy as np
 import pytest
 import torch
-from conftest import DTYPES, bits, random_tensor
+from conftest import DTYPES, bits, kernel_device, random_tensor
 
 from bench.original import swap_and_flatten01 as eager_flatten
 from rollout_buffers import (
@@ -33,7 +33,6 @@ from rollout_buffers import (
     FlatDict,
     RolloutValueError,
     StaleRolloutError,
-    backend,
     flatdict,
     lazy_make_dict,
     ops,
@@ -82,21 +81,11 @@ def flattens(monkeypatch):
     return calls
 
 
-def _kernel_device() -> str:
-    """Where the Triton kernels can run here: CUDA, else CPU under the interpreter."""
-    pytest.importorskip("triton")
-    if torch.cuda.is_available():
-        return "cuda"
-    if not backend.interpreter_enabled():
-        pytest.skip("no CUDA and TRITON_INTERPRET is off")
-    return "cpu"
-
-
 def _on(name: str, request) -> tuple[str, list | None]:
     """The device for backend ``name``, and for 'triton' the kernel spy's record."""
     if name == "torch":
         return "cpu", None
-    device = _kernel_device()
+    device = kernel_device()
     return device, request.getfixturevalue("kernel_calls")
 
 
@@ -160,7 +149,7 @@ def _assert_same(actual, expected: dict) -> None:
 
 def _pending(d) -> bool:
     """``d`` still holds values not yet made (read without materializing anything)."""
-    return type(d) is FlatDict and bool(d._pending)
+    return type(d) is FlatDict and bool(d._pkeys)
 
 
 # ---------------------------------------------------------------------------------------------

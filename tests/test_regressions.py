@@ -12,7 +12,7 @@ from collections.abc import Iterator, Mapping
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, bits
+from conftest import ROOT, bits, kernel_device
 
 import rollout_buffers
 from rollout_buffers import (
@@ -24,17 +24,6 @@ from rollout_buffers import (
     swap_and_flatten01,
     use_backend,
 )
-
-
-def _kernel_device() -> str:
-    """Where the Triton kernels can run here: CUDA, else CPU under the interpreter."""
-    pytest.importorskip("triton")
-    if torch.cuda.is_available():
-        return "cuda"
-    if not backend.interpreter_enabled():
-        pytest.skip("no CUDA and TRITON_INTERPRET is off")
-    return "cpu"
-
 
 # -- DictDataset -------------------------------------------------------------------------------
 
@@ -54,7 +43,7 @@ def test_dataset_reads_tensor_dict_edited_after_construction():
 def test_dataset_fixes_each_keys_length_when_built_like_the_original(name):
     # Issue 10, point 3: the original recorded {key: len(tensor)} in __init__.
     if name == "triton":
-        _kernel_device()
+        kernel_device()
     with use_backend(name):
         d = {"a": torch.arange(8), "b": torch.arange(4) + 100}
         ds = DictDataset(4, d)
@@ -258,7 +247,7 @@ def test_triton_backend_runs_the_kernels_on_every_hot_path(kernel_calls):
     """The mirror of the test above: under 'triton' every hot path reaches the kernels. Were
     use_triton to say no for CPU tensors under the interpreter, everything would fall back to
     PyTorch, and every other test, the whole API suite on backend triton included, would pass."""
-    device = _kernel_device()
+    device = kernel_device()
     T, N = 2, 3
     g = torch.Generator().manual_seed(0)
     obs, rew = torch.randn(T, N, 2, generator=g), torch.randn(T, N, generator=g)
@@ -373,7 +362,7 @@ def _backend_device(name: str, request) -> tuple[str, list | None]:
     the kernels ran (a silent fallback to PyTorch would pass for them)."""
     if name == "torch":
         return "cpu", None
-    device = _kernel_device()
+    device = kernel_device()
     return device, request.getfixturevalue("kernel_calls")
 
 
@@ -440,7 +429,7 @@ def test_a_python_number_is_written_as_a_host_scalar():
 
 
 def test_kernels_apply_negative_views_in_every_hot_path():
-    device = _kernel_device()
+    device = kernel_device()
     z = torch.complex(torch.arange(6.0), torch.arange(6.0) + 1).view(2, 3).to(device)
     neg = z.conj().imag  # a view whose minus sign is a flag, not in memory
     assert neg.is_neg()
@@ -466,7 +455,7 @@ def test_gae_kernel_with_returns_written_over_values_and_shifted_next_values():
     """ret over values while next_values is values shifted by one step: the kernel must not
     read a row it already overwrote. Only a GPU run can catch a regression here: Triton's
     interpreter copies every argument to the host separately, so nothing aliases there."""
-    device = _kernel_device()
+    device = kernel_device()
     g = torch.Generator().manual_seed(3)
     T, N = 9, 5
     results = {}
@@ -490,7 +479,7 @@ def test_a_test_that_switches_the_interpreter_off_leaves_later_kernels_working()
     interpreted kernel test: if the first were also the first to import triton, triton would
     load for compiling and the second would fail. The full suite hid this (other test modules
     import triton first), so this runs the pair as a pytest session of its own."""
-    if _kernel_device() != "cpu":
+    if kernel_device() != "cpu":
         pytest.skip("the kernels compile for CUDA here: no interpreter to switch off")
     tests = [
         "tests/test_api.py::test_triton_backend_on_cpu_without_interpreter_is_a_clear_error",
@@ -529,7 +518,7 @@ def test_an_assigned_permutation_with_entries_outside_the_range_wraps_like_the_o
     # The original took every entry modulo each key's length. The Triton path used to skip the
     # modulo for full-length keys and read outside the tensor (a memory-safety bug).
     if name == "triton":
-        _kernel_device()
+        kernel_device()
     with use_backend(name):
         for perm in (np.array([5, 6, 7, -1]), torch.tensor([5, 6, 7, -1])):
             ds = DictDataset(2, {"a": torch.arange(4), "s": torch.arange(3) + 10})
@@ -552,7 +541,7 @@ def _overlap_buffer(device: str, shape=()) -> ExperienceBuffer:
 
 
 def _device_of(name: str) -> str:
-    return _kernel_device() if name == "triton" else "cpu"
+    return kernel_device() if name == "triton" else "cpu"
 
 
 @pytest.mark.parametrize("name", ["torch", "triton"])
