@@ -270,6 +270,7 @@ class LaunchPlan:
 
     def generic(self, *args) -> None:
         """Launch through ``fn[grid](...)`` (tensors for pointers); keep the compiled kernel."""
+        args = tuple(map(_launch_arg, args))
         with device_guard_index(self.device):
             ck = self.fn[(self.grid,)](*args, **self.cx, num_warps=self.num_warps)
         if ck is not None and self.run is None and hasattr(ck, "packed_metadata"):
@@ -303,6 +304,17 @@ class LaunchPlan:
             if prev != dev:
                 c._cuda_exchangeDevice(prev)
         return True
+
+
+def _launch_arg(a):
+    """``a`` as Triton's binder takes it: it has no complex pointer type (its dtype table has no
+    entry for ``complex64``), and the kernels move bytes, so a complex tensor goes in as its
+    real view (the same address); a tuple of tensors element by element."""
+    if type(a) is tuple:
+        return tuple(map(_launch_arg, a))
+    if isinstance(a, torch.Tensor) and a.is_complex():
+        return torch.view_as_real(a.resolve_conj())
+    return a
 
 
 def device_guard_index(index: int | None):

@@ -48,10 +48,19 @@ ROWS, ENV_MAJOR, CHUNKS = 0, 1, 2
 
 
 @triton.jit
+def _bound32(i, n):
+    """The low 32 bits of index ``i`` kept in ``[0, n)`` (``0 < n < 2**31``) by one unsigned
+    min: an index the host never saw cannot send a read outside the source."""
+    u = i.to(tl.int32).to(tl.uint32, bitcast=True)
+    return tl.minimum(u, (n - 1).to(tl.uint32)).to(tl.int32, bitcast=True)
+
+
+@triton.jit
 def _gather_key(p_t, d_p, p_s, i_b, nb, seq, nc, WB: tl.constexpr, MODE: tl.constexpr,
                 MOD: tl.constexpr, I32: tl.constexpr, RU: tl.constexpr, R: tl.constexpr,
                 CB: tl.constexpr, NT: tl.constexpr):  # fmt: skip
-    # Table row: [address, s_a, s_b (units), L, T, output rows, first program, -].
+    # Table row: [address, s_a, s_b (units), L, T, output rows, first program, -]. Every row
+    # read is bounded by L (CHUNKS: the number of chunks).
     s_p = addr(tl.load(p_t))
     s_a = tl.load(p_t + 1)
     s_b = tl.load(p_t + 2)
@@ -68,7 +77,8 @@ def _gather_key(p_t, d_p, p_s, i_b, nb, seq, nc, WB: tl.constexpr, MODE: tl.cons
             # Chunks: output row s * nb + b reads step (c % nc) * seq + s of env c // nc.
             o_r32 = o_r.to(tl.int32)
             i_s = o_r32 // nb
-            i_c = tl.load(p_s + (o_r32 - i_s * nb), mask=m_r, other=0).to(tl.int32)
+            # Bounded whatever the ids hold: never a chunk outside [0, N * nc).
+            i_c = _bound32(tl.load(p_s + (o_r32 - i_s * nb), mask=m_r, other=0), n_l)
             i_e = i_c // nc
             i_st = (i_c - i_e * nc) * seq + i_s
             if I32:
@@ -82,6 +92,15 @@ def _gather_key(p_t, d_p, p_s, i_b, nb, seq, nc, WB: tl.constexpr, MODE: tl.cons
                 # C's % keeps the sign of a negative entry. Never a row outside [0, L).
                 i_x = i_x % n_l
                 i_x = tl.where(i_x < 0, i_x + n_l, i_x)
+            elif I32:
+                # The host found the permutation inside [0, L) when it last looked; a write it
+                # could not see (through NumPy, DLPack, another stream) must still not make
+                # the gather read outside the tensor: one unsigned min per row keeps the row
+                # in [0, L). sm_90 SASS of a 4-byte-row gather: 237 instructions unbounded,
+                # 239 bounded (a 64-bit clamp took 308, and a 64-bit select made ptxas spill).
+                i_x = _bound32(i_x, n_l)
+            else:
+                i_x = tl.where(i_x.to(tl.uint64, bitcast=True) < n_l.to(tl.uint64), i_x, 0)
             if MODE == 1:
                 # Env-major row i of a (T, N) storage: step i % T of env i // T.
                 i_32 = i_x.to(tl.int32)
@@ -146,7 +165,9 @@ def _build(srcs, modes, lengths, first, n, count, wrap, seq):
     rows, cx, p = [], [], 0
     for s, mode, length, f in zip(srcs, modes, lengths, first, strict=True):
         rows_of = s.shape[0] if mode == ROWS else s.shape[0] * s.shape[1]
-        if mode != CHUNKS and not 1 <= length <= rows_of:
+        if mode == CHUNKS:
+            length = rows_of // seq  # bounds the chunk ids: N * (T // seq) chunks
+        elif not 1 <= length <= rows_of:
             # The modulo must keep every read inside the tensor.
             raise IndexError(f"gather: a modulo length of {length} for a source of {rows_of} rows")
         out_rows = count * (seq if mode == CHUNKS and not f else 1)

@@ -325,3 +325,44 @@ def test_gather_env_major_from_time_major_storage_matches_flatten_then_gather(dt
         refs = ops.torch_gather(flat + [short], perm, start, count)
         for out, ref in zip(outs, refs, strict=True):
             assert out.is_contiguous() and torch.equal(out, ref)
+
+
+@pytest.mark.parametrize("mode", ["rows", "env_major", "chunks"])
+def test_gather_never_reads_outside_a_source_whatever_the_indices_hold(mode):
+    # The host decides whether a permutation needs the modulo from what it saw of it; a write it
+    # could not see (through NumPy, DLPack, another stream) must still not make the kernel read
+    # outside the tensor. Each source is the middle of a larger tensor whose other bytes hold a
+    # sentinel: no output row may contain it, whatever the indices (wrap off).
+    sentinel = -7777.0
+    big = torch.full((3 * T, 2 * N, 3), sentinel)
+    inner = rand((T, N, 3), torch.float32)
+    big[T : 2 * T, :N] = inner
+    src = big[T : 2 * T, :N]  # (T, N, 3), env-strided
+    bad = torch.tensor([0, 10**6, -5, 2**40, -(2**40), 3, T * N, -1], dtype=torch.int64)
+    if mode == "rows":
+        rows = big.view(-1, 3)[T * 2 * N : T * 2 * N + T * N]
+        g = K.gatherer([rows], [K.ROWS], [T * N], T * N, bad.shape[0])
+    elif mode == "env_major":
+        g = K.gatherer([src], [K.ENV_MAJOR], [T * N], T * N, bad.shape[0])
+    else:
+        g = K.gatherer([src], [K.CHUNKS], [0], N * T, bad.shape[0], seq=1)
+    (out,) = g(bad, 0)
+    assert not (out == sentinel).any()
+
+
+@pytest.mark.parametrize("dtype", [torch.complex32, torch.complex64, torch.complex128], ids=str)
+def test_every_launcher_moves_complex_values(dtype):
+    # Triton's binder has no complex pointer type; the kernels move bytes, so complex keys work.
+    srcs = [rand((T, N, 3), torch.float32).to(dtype), rand((T, N), torch.float32).to(dtype)]
+    dsts = [poisoned(s.shape, dtype) for s in srcs]
+    step_write(dsts, 1, [s[1] for s in srcs])
+    for d, s in zip(dsts, srcs, strict=True):
+        assert torch.equal(d[1].view(torch.uint8), s[1].view(torch.uint8))
+    flat = transpose_flatten(srcs)
+    ref = ops.torch_flatten(srcs)
+    for out, r in zip(flat, ref, strict=True):
+        assert torch.equal(out.view(torch.uint8), r.view(torch.uint8))
+    perm = torch.randperm(T * N)
+    for out, r in zip(permuted_gather(ref, perm, 7, 7), ops.torch_gather(ref, perm, 7, 7),
+                      strict=True):  # fmt: skip
+        assert torch.equal(out.view(torch.uint8), r.view(torch.uint8))
