@@ -265,9 +265,12 @@ def test_sequence_dataset_refresh_does_not_reshuffle_by_default():
     assert torch.equal(ds.chunk_ids, torch.arange(6))
     state = np.random.get_state()
     ds.refresh()
+    assert torch.equal(ds.chunk_ids, torch.arange(6))  # chunks still in order
     after = np.random.get_state()
     assert np.array_equal(after[1], state[1]) and after[2] == state[2]  # nothing drawn
-    assert torch.equal(ds.chunk_ids, torch.arange(6))
+    ds.refresh(shuffle=True)  # asked for: a draw from NumPy's global RNG
+    assert not np.array_equal(np.random.get_state()[1], after[1])
+    assert torch.equal(ds.chunk_ids.sort().values, torch.arange(6))
 
 
 @pytest.mark.parametrize("arg", ["keys", "hidden"])
