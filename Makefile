@@ -8,7 +8,7 @@ PY     := $(VENV)/bin/python
 # Triton 3.9 warns on every compile unless this is set; 1 keeps its current default (fusion on).
 export TRITON_DEFAULT_FP_FUSION ?= 1
 
-.PHONY: setup test test-random test-api-triton test-triton36 aot demo bench bench-sequences bench-micro bench-gae fuzz lint clean
+.PHONY: setup test test-random test-api-triton test-triton36 aot demo bench bench-sequences bench-client-mix bench-micro bench-gae fuzz lint clean
 
 setup: $(VENV)/.installed
 
@@ -69,6 +69,13 @@ demo: setup
 bench: setup
 	$(PY) bench/run.py
 	$(PY) bench/bench_sequences.py
+	$(PY) bench/client_mix.py
+
+# Recorded call mixes of real training code (ProtoMotions AMP, Isaac Lab / rsl_rl), per call
+# against the original, on the CPU path and the CUDA path's host cost (also in bench).
+# CLIENT_MIX_ARGS: e.g. --path cpu, --envs 1024, --check.
+bench-client-mix: setup
+	$(PY) bench/client_mix.py $(CLIENT_MIX_ARGS)
 
 # Sequence minibatches for recurrent policies against rsl_rl's recurrent generator (also in bench).
 bench-sequences: setup
