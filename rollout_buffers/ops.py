@@ -9,13 +9,12 @@ bit. The arguments arrive validated: the functions below check nothing.
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
-from . import backend
+from . import _guards, _hostmem, backend
 
 __all__ = [
     "step_views",
@@ -211,32 +210,18 @@ def flattener(srcs: Sequence[Tensor]):
 ROWS, ENV_MAJOR = 0, 1  # how a gather source is indexed (the kernels' modes of the same name)
 
 
-# Minibatch outputs at least this big are recycled on the CPU path (see _TorchGatherer).
-_RECYCLE_BYTES = 1 << 17
-_use_count = getattr(torch._C, "_storage_Use_Count", None)
-
-
-def _unused(ts: list, k: int) -> bool:
-    """Whether ``ts[k]`` is referenced by nothing but ``ts``: no Python name, no view, no NumPy
-    array or autograd graph holding its memory (the storage wrapper made here is the 2nd)."""
-    return sys.getrefcount(ts[k]) == 2 and _use_count(ts[k].untyped_storage()._cdata) == 2
-
-
 class _TorchGatherer:
     """The PyTorch minibatch gather of fixed sources (see :func:`gatherer`).
 
-    Outputs of 128 KiB or more are recycled: the outputs of the call before last, once nothing
-    refers to them any more (a loop ``for batch in dataset`` still holds the last batch while it
-    asks for the next), are written again with ``index_select(out=...)``. On Linux, glibc serves
-    such blocks with a fresh mmap every time and the kernel zero-fills every page on first
-    touch: a humanoid minibatch of 8192 rows paged in ~100k times per epoch, about half of the
-    gather's CPU time. A recycled output is never handed out twice while in use.
+    Outputs of :data:`_hostmem.MIN_BYTES` or more are made over host blocks that PyTorch freed
+    earlier (:mod:`rollout_buffers._hostmem`): no page faults on the gather's first touch, and a
+    minibatch handed out is never written again while anything can see it.
     """
 
-    __slots__ = ("srcs", "groups", "count", "n", "wrap", "history", "big", "perm", "rows")
+    __slots__ = ("srcs", "groups", "count", "n", "wrap", "outs", "perm", "rows")
 
     def __init__(self, srcs, modes, lengths, n: int, count: int, wrap: bool) -> None:
-        self.srcs, self.big, self.groups = [], [], []
+        self.srcs, self.outs = [], []
         where: dict[tuple, int] = {}
         for s, mode, length in zip(srcs, modes, lengths, strict=True):
             # Sources that read the same rows (the same modulo length, the same (T, N) layout)
@@ -248,13 +233,13 @@ class _TorchGatherer:
                 t = e = 0
             g = where.setdefault((length, t, e), len(where))
             self.srcs.append((s, g))
+            shape = (count, *s.shape[1:])
             nbytes = count * (s[0].numel() * s.element_size() if s.dim() else 0)
-            self.big.append(_use_count is not None and nbytes >= _RECYCLE_BYTES)
+            self.outs.append((shape, s.dtype, nbytes) if nbytes >= _hostmem.MIN_BYTES else None)
         self.groups = list(where)
         self.n, self.count, self.wrap = n, count, wrap
-        self.history: list[list[Tensor]] = []
-        # Each group's rows for the whole permutation last seen: worked out once per
-        # permutation (a shuffle), sliced per minibatch.
+        # Each group's rows for the whole permutation last seen (worked out once per
+        # permutation, sliced per minibatch), and what that permutation held then.
         self.perm: tuple | None = None
         self.rows: list[Tensor] = []
 
@@ -268,29 +253,20 @@ class _TorchGatherer:
         return out
 
     def __call__(self, perm: Tensor, start: int) -> list[Tensor]:
-        # An inference tensor keeps no version counter: its rows are worked out every call.
-        version = None if perm.is_inference() else perm._version
-        if (
-            self.perm is None
-            or self.perm[0] is not perm
-            or version is None
-            or self.perm[1] != version
-        ):
-            self.perm, self.rows = (perm, version), self._rows(perm)
+        try:  # _guards.contents, inlined
+            stamp = perm.data_ptr(), perm._version, perm.shape, perm.stride()
+        except RuntimeError:  # an inference tensor: no version counter
+            stamp = _guards.contents(perm)
+        if self.perm != stamp:  # a new permutation, or this one written since
+            self.perm, self.rows = stamp, self._rows(perm)
         end = start + self.count
         idx = [r[start:end] for r in self.rows]
-        old = self.history[0] if len(self.history) == 2 else None
-        if old is None:
-            outs = [torch.index_select(src, 0, idx[g]) for src, g in self.srcs]
-        else:
-            outs = []
-            for k, (src, g) in enumerate(self.srcs):
-                if self.big[k] and _unused(old, k):
-                    outs.append(torch.index_select(src, 0, idx[g], out=old[k]))
-                else:
-                    outs.append(torch.index_select(src, 0, idx[g]))
-        if any(self.big):
-            self.history = [self.history[-1], outs] if self.history else [outs]
+        outs = []
+        for (src, g), out in zip(self.srcs, self.outs):
+            if out is None:
+                outs.append(torch.index_select(src, 0, idx[g]))
+            else:
+                outs.append(torch.index_select(src, 0, idx[g], out=_hostmem.empty(*out)))
         return outs
 
 
@@ -389,14 +365,15 @@ class ChunkGather:
     """:func:`gather_chunks` of fixed sources, prepared once and called per minibatch as
     ``g(ids, start)`` (a :class:`~rollout_buffers.SequenceDataset` keeps one).
 
-    The backend is chosen per call, as :func:`gather_chunks` chooses it; the kernels' prepared
-    gatherer is looked up once, not per call: that lookup hashes every source's pointer, shape
-    and strides, which costs more host time than the launch it finds (~15 µs of ~30 µs for 17
-    sources, measured with a stand-in CUDA driver). The sources must stay the tensors they were
-    (a dataset keeps its storages).
+    The backend is chosen per call, as :func:`gather_chunks` chooses it. The kernels' prepared
+    gatherer is kept, not looked up per call (that lookup hashes every source's pointer, shape
+    and strides: ~15 µs of ~30 µs for 17 sources, measured with a stand-in CUDA driver). It
+    holds the sources' addresses, and a copy of any source whose rows are not dense, so it is
+    kept while every source has the address, layout and version it was built from
+    (:func:`_guards.contents`): a minibatch reads what the storages hold when it is read.
     """
 
-    __slots__ = ("srcs", "first_step", "count", "seq", "_kernel")
+    __slots__ = ("srcs", "first_step", "count", "seq", "_kernel", "_stamps")
 
     def __init__(
         self, srcs: Sequence[Tensor], first_step: Sequence[bool], count: int, seq: int
@@ -404,11 +381,13 @@ class ChunkGather:
         self.srcs, self.first_step = list(srcs), list(first_step)
         self.count, self.seq = count, seq
         self._kernel = None
+        self._stamps: list = []
 
     def __call__(self, ids: Tensor, start: int) -> list[Tensor]:
         if (ids.is_cuda or backend.get_backend() == "triton") and backend.use_triton(ids.device):
             g = self._kernel
-            if g is None:
+            stamps = list(map(_guards.contents, self.srcs))
+            if g is None or stamps != self._stamps:
                 from . import kernels
 
                 srcs = [_bytes_of(s) for s in self.srcs]
@@ -417,5 +396,6 @@ class ChunkGather:
                     srcs, [kernels.CHUNKS] * k, [0] * k, ids.shape[0], self.count,
                     seq=self.seq, first_step=self.first_step,
                 )  # fmt: skip
+                self._stamps = stamps
             return g(ids, start)
         return torch_gather_chunks(self.srcs, self.first_step, ids, start, self.count, self.seq)

@@ -685,9 +685,10 @@ def test_a_python_scalar_is_written_as_pytorch_assignment_writes_it(dtype, name)
         assert buf.v[0, 0].item() == 0.1
 
 
-def test_cpu_minibatch_outputs_are_recycled_only_when_nothing_refers_to_them():
-    # Outputs of 128 KiB or more are written again (index_select(out=...)) once nothing refers
-    # to them: a minibatch still held, a view or a NumPy array of one keeps its memory its own.
+def test_cpu_minibatch_memory_is_reused_only_once_torch_has_freed_it():
+    # Outputs of 128 KiB or more are made over host blocks that PyTorch freed before
+    # (rollout_buffers._hostmem): a minibatch still held, a view or a NumPy array of one keeps
+    # its memory its own (tests/test_user_held.py holds them in other ways).
     rows, width = 64, 1024  # 64 rows x 4 KiB = 256 KiB per output
     x = torch.arange(rows * 4 * width, dtype=torch.float32).view(rows * 4, width)
     with use_backend("torch"):
@@ -698,13 +699,13 @@ def test_cpu_minibatch_outputs_are_recycled_only_when_nothing_refers_to_them():
         view = ds[0]["x"][:, :8]  # a view of a batch that is then dropped
         arr = ds[1]["x"].numpy()  # a NumPy array of another
         for i in range(4):
-            ds[i]  # dropped at once: these may recycle each other, never the ones kept
+            ds[i]  # dropped at once: these may reuse each other's memory, never the ones kept
         perm = ds.shuffled_to_original
         for i, b in enumerate(held):
             assert torch.equal(b["x"], x[perm[i * rows : (i + 1) * rows]])
         assert torch.equal(view, x[perm[:rows]][:, :8])
         assert (arr == x[perm[rows : 2 * rows]].numpy()).all()
-        # In a loop that drops each batch, outputs are recycled and stay exact.
+        # In a loop that drops each batch, the memory is reused and the values stay exact.
         seen = set()
         for _ in range(3):
             ds.shuffle()
@@ -712,4 +713,4 @@ def test_cpu_minibatch_outputs_are_recycled_only_when_nothing_refers_to_them():
             for i, b in enumerate(ds):
                 assert torch.equal(b["x"], x[perm[i * rows : (i + 1) * rows]])
                 seen.add(b["x"].data_ptr())
-        assert len(seen) <= 3  # recycled: at most the two generations in flight and one more
+        assert len(seen) <= 3  # reused: at most the two generations in flight and one more
