@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import bisect
 import itertools
 import operator
 import weakref
@@ -11,7 +12,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from . import backend, ops
+from . import _guards, backend, ops
 from . import flatdict as _flat
 from ._index import as_index
 from ._index import int_or_none as _int
@@ -76,17 +77,23 @@ def swap_and_flatten01(arr: Tensor | None) -> Tensor | None:
 class _Spec:
     """What one key's writes are validated against, cached so a write costs a few compares.
 
-    ``tensor`` is the buffer this spec was built from: when the module's buffer is no longer
-    that object (``.to()``, ``.half()``, reassignment) the spec is rebuilt from the new one.
+    ``tensor`` is the buffer this spec was built from and ``ptr`` its address then: when the
+    module's buffer is no longer that object (``.to()``, ``.half()``, reassignment) or no longer
+    at that address (``buffer.<key>.data = ...``), the spec is rebuilt from what is there now.
     """
 
-    __slots__ = ("tensor", "row_shape", "dtype", "device", "written", "steps", "writer")
+    __slots__ = ("tensor", "ptr", "row_shape", "dtype", "device", "footprint", "lo", "hi",
+                 "written", "steps", "writer")  # fmt: skip
 
     def __init__(self, tensor: Tensor, written: bytearray) -> None:
         self.tensor = tensor
+        self.ptr = tensor.data_ptr()
         self.row_shape = tensor.shape[1:]  # (num_envs, *shape): what one step holds
         self.dtype = tensor.dtype
         self.device = tensor.device
+        # The key's whole storage: a source starting outside [lo, hi] shares no memory with it.
+        self.footprint = _guards.Footprint((tensor,))
+        self.lo, self.hi = self.footprint.lo, self.footprint.hi
         self.written = written  # written[step] == 1 once the step was written since the reset
         # One view per step, made once: update_data writes steps[t].copy_(x), one operator
         # where `tensor[t] = x` is two (select, then copy_), each a dispatch on the host.
@@ -95,19 +102,23 @@ class _Spec:
 
 
 class _StepPlan:
-    """update_step's prepared write of one tuple of keys: the destinations, what a source must
-    be to take the fast path (shape, dtype, device; contiguous, not a view), the backend's
-    writer for each backend it ran under, and the step bookkeeping. Valid while every buffer
-    tensor is the one it was built with (update_step checks on every call)."""
+    """update_step's prepared write of one tuple of keys: the destinations and their addresses,
+    what a source must be to take the fast path (the row's shape, the device, no memory shared
+    with any destination), the backend's writer for each backend it ran under, and the step
+    bookkeeping. Valid while every buffer tensor is the one it was built with, at the same
+    address (update_step checks on every call)."""
 
-    __slots__ = ("keys", "dsts", "shapes", "dtypes", "device", "writers", "marks")
+    __slots__ = ("keys", "dsts", "ptrs", "shapes", "dtypes", "device", "footprint", "writers",
+                 "marks")  # fmt: skip
 
     def __init__(self, keys: tuple, specs: Sequence[_Spec]) -> None:
         self.keys = keys
         self.dsts = tuple(s.tensor for s in specs)
+        self.ptrs = [s.ptr for s in specs]
         self.shapes = tuple(s.row_shape for s in specs)
         self.dtypes = tuple(s.dtype for s in specs)
         self.device = specs[0].device
+        self.footprint = _guards.Footprint(self.dsts)
         self.writers: dict[str, Any] = {}  # backend name -> the writer it picks here
         self.marks = tuple((k, s.written) for k, s in zip(keys, specs))
 
@@ -120,6 +131,11 @@ class _StepPlan:
 
 _STRIDED = torch.strided
 _is = operator.is_
+_data_ptr = Tensor.data_ptr
+_bisect = bisect.bisect_right
+# True while Dynamo traces (it folds the call to a constant), False when run: one Python call.
+_dynamo_compiling = torch.compiler.is_dynamo_compiling
+_dtype = operator.attrgetter("dtype")
 
 
 class ExperienceBuffer(nn.Module):
@@ -171,9 +187,6 @@ class ExperienceBuffer(nn.Module):
         self.store_dict: dict[str, int | float] = {}
         self._device = device
         self._specs: dict[str, _Spec] = {}
-        # Set once a buffer was replaced by a view of another tensor: a source that is no view
-        # may then share its memory, so every write checks for an overlap (see _overlap).
-        self._view_buffers = False
         # update_step's prepared writes, by the tuple of keys a call writes (see _StepPlan).
         self._step_plans: dict[tuple, _StepPlan] = {}
         # The FlatDicts make_dict/get_dict handed out that still hold unread values: copied
@@ -233,7 +246,11 @@ class ExperienceBuffer(nn.Module):
         if spec is None:
             self._raise_unknown_key(key)
         tensor = self._buffers[key]
-        if tensor is not spec.tensor:  # moved, cast or reassigned since the spec was built
+        if tensor is not spec.tensor or (
+            # (Dynamo cannot trace an address; the compiled write runs this again, for real)
+            not _dynamo_compiling() and tensor.data_ptr() != spec.ptr
+        ):
+            # moved, cast, reassigned or given new data since the spec was built
             if (
                 tensor is None
                 or tensor.shape[:2] != (self.num_steps, self.num_envs)
@@ -250,8 +267,6 @@ class ExperienceBuffer(nn.Module):
                     + f"; expected a contiguous ({self.num_steps}, {self.num_envs}, ...) tensor"
                 )
             spec = self._specs[key] = _Spec(tensor, spec.written)
-            if tensor._base is not None:
-                self._view_buffers = True
         return spec
 
     def _raise_unknown_key(self, key: Any) -> None:
@@ -320,12 +335,18 @@ class ExperienceBuffer(nn.Module):
                 raised), on another device (RolloutDeviceError), overlapping its destination
                 (RolloutOverlapError), or with ``requires_grad``.
         """
-        # The hot path of a rollout loop: the common case (a known key, an in-range int step,
-        # a tensor of the key's row shape and device, of its dtype or one PyTorch casts, not a
-        # view) costs a few compares; anything else takes the slow path that validates in full
-        # and explains. One key: PyTorch's own copy, the cheapest on the host.
+        # The hot path of a rollout loop. The common case (a known key, an in-range int step, a
+        # tensor of the key's row shape or one it broadcasts to, on its device, of its dtype or
+        # one PyTorch casts; any strides: views, slices, columns, expanded) costs a few
+        # compares. The one check a source could fail silently, sharing memory with the
+        # destination, is proven from addresses (see _guards.Footprint). Anything else takes
+        # the slow path that validates in full and explains.
         spec = self._specs.get(key) if type(key) is str else None
-        if spec is None or self._buffers[key] is not spec.tensor:
+        if (
+            spec is None
+            or self._buffers[key] is not spec.tensor
+            or spec.tensor.data_ptr() != spec.ptr
+        ):
             spec = self._spec(key)
         if step is not None or type(index) is not int or not 0 <= index < self.num_steps:
             index = self._step_index(key, index, step)
@@ -333,20 +354,19 @@ class ExperienceBuffer(nn.Module):
             self._lender.settle()
         if not (
             type(data) is Tensor
-            and data.shape == spec.row_shape
+            and (data.shape == spec.row_shape or _copies_into(data.shape, spec.row_shape))
             and data.device == spec.device
             and not data.requires_grad
             and data.layout is _STRIDED
-            and data._base is None
-            and not self._view_buffers
+            and not spec.lo <= data.data_ptr() <= spec.hi  # shares no memory with the key
             and (data.dtype is spec.dtype or not data.is_complex())
         ):
             data = self._check_data(key, spec, data, spec.row_shape, "update_data")
-            if data._base is not None or self._view_buffers:  # only views can share memory
+            if not spec.footprint.excludes(data):
                 check_sources((key,), (spec.tensor,), index, (data,), "update_data")
             if backend._backend != "triton":
-                # Not of the row's shape: PyTorch's assignment, whose broadcasting rules
-                # (leading 1s dropped, one element filled) are what update_data promises.
+                # PyTorch's assignment, whose broadcasting rules (leading 1s dropped, one
+                # element filled) are what update_data promises.
                 spec.tensor[index] = data
                 data = None
         if data is None:
@@ -358,7 +378,8 @@ class ExperienceBuffer(nn.Module):
             if data.dtype is not spec.dtype or data.shape != spec.row_shape:
                 data = ops.as_source(spec.tensor, data)
             w(index, (data,))
-        else:  # a single key: PyTorch's own copy costs the host least, on every device
+        else:  # a single key: PyTorch's own copy costs the host least, on every device; it
+            # reads any strides, casts, broadcasts and applies lazy sign flags itself
             spec.steps[index].copy_(data)
         if not spec.written[index]:
             spec.written[index] = 1
@@ -375,42 +396,58 @@ class ExperienceBuffer(nn.Module):
             tensors: a mapping (dict or TensorDict) from registered keys to data.
         """
         # The hot path: a dict of the keys of an earlier call replays that call's prepared
-        # write (see _StepPlan) after a few compares per key; anything else takes
-        # _update_step_slow, which validates in full, converts and explains.
+        # write (see _StepPlan) after a few compares per key. A source takes it when it has its
+        # key's row shape and device, a dtype PyTorch casts to the key's, any strides (views,
+        # slices, columns, expanded), and starts outside every destination's storage (so it
+        # shares no memory with any: see _guards.Footprint). Anything else takes
+        # _update_step_slow, which validates in full, converts and explains. Under
+        # torch.compile the write is one opaque operator (see _update_step_slow).
+        if _dynamo_compiling():
+            return self._update_step_slow(index, tensors)
         plan = self._step_plans.get(tuple(tensors)) if type(tensors) is dict else None
         writer = plan.writers.get(backend._backend) if plan is not None else None
         if (
             writer is not None
             and not self._lender.refs
-            and not self._view_buffers
+            # the module's buffers are still the plan's destinations, at the same addresses
             and all(map(_is, map(self._buffers.__getitem__, plan.keys), plan.dsts))
+            and plan.ptrs == list(map(_data_ptr, plan.dsts))
         ):
             if type(index) is not int or not 0 <= index < self.num_steps:
                 index = self._step_index("update_step", index, None)
             srcs = list(tensors.values())
-            dev = plan.device
-            try:
-                for data, shape, dtype in zip(srcs, plan.shapes, plan.dtypes):
-                    if not (
-                        type(data) is Tensor
-                        and data.shape == shape
-                        and data.dtype is dtype
-                        and data.device == dev
-                        and not data.requires_grad
-                        and data._base is None
-                        and data.is_contiguous()  # raises for a sparse layout
-                    ):
+            dev, footprint = plan.device, plan.footprint
+            lo, hi, starts, ends = footprint.lo, footprint.hi, footprint.starts, footprint.ends
+            for data, shape, dtype in zip(srcs, plan.shapes, plan.dtypes):
+                if not (
+                    type(data) is Tensor
+                    and data.shape == shape
+                    and data.device == dev
+                    and not data.requires_grad
+                    and data.layout is _STRIDED
+                    and (data.dtype is dtype or not data.is_complex())
+                ):
+                    break
+                # Shares no memory with any destination: Footprint.excludes, inlined (no
+                # Python call per key). Outside the destinations' span: one compare.
+                p = data.data_ptr()
+                if lo <= p <= hi:
+                    i = _bisect(starts, p)
+                    if i and p <= ends[i - 1]:
                         break
+            else:
+                if writer.exact:  # the Triton writer: sources of the destinations' dtypes
+                    if not all(map(_is, map(_dtype, srcs), plan.dtypes)):
+                        srcs = [ops.as_source(d, x) for d, x in zip(plan.dsts, srcs)]
+                    writer(index, srcs)
                 else:
                     writer.dense(index, srcs)
-                    store = self.store_dict
-                    for key, written in plan.marks:
-                        if not written[index]:
-                            written[index] = 1
-                            store[key] += index + 1
-                    return
-            except RuntimeError:
-                pass
+                store = self.store_dict
+                for key, written in plan.marks:
+                    if not written[index]:
+                        written[index] = 1
+                        store[key] += index + 1
+                return
         self._update_step_slow(index, tensors)
 
     def _update_step_slow(self, index: Any, tensors: Any) -> None:
@@ -440,20 +477,22 @@ class ExperienceBuffer(nn.Module):
             raise RolloutValueError(
                 "update_step: tensors is empty; pass at least one key -> tensor"
             )
-        if torch.compiler.is_compiling():
-            # One opaque operator for the compiler; it also does the step bookkeeping, which
-            # must run when the compiled code runs (Dynamo cannot trace the bytearray writes).
-            _update_step_op(dsts, index, srcs, self._token, "\0".join(keys))
+        if _dynamo_compiling():
+            # Two opaque operators for the compiler. The first copies what lent mappings still
+            # hold unread (copy-on-write) while the storages are untouched; the write depends
+            # on its result, so it runs after. The second writes and does the step bookkeeping,
+            # which must run when the compiled code runs (Dynamo cannot trace bytearray writes).
+            settled = _settle_op(dsts, self._token)
+            _update_step_op(dsts, index, srcs, self._token, "\0".join(keys), settled)
             return
         if self._lender.refs:
             self._lender.settle()
         sequential = False
-        for data in srcs:
-            if data._base is not None or self._view_buffers:  # see update_data
-                # Refuses a source overlapping its own destination; one overlapping another
-                # key's would race in one launch: then key by key, as PyTorch's loop does.
-                sequential = check_sources(keys, dsts, index, srcs, "update_step")
-                break
+        footprint = _guards.Footprint(dsts)
+        if not all(map(footprint.excludes, srcs)):
+            # Refuses a source overlapping its own destination; one overlapping another key's
+            # would race in one launch: then key by key, as PyTorch's loop does.
+            sequential = check_sources(keys, dsts, index, srcs, "update_step")
         if sequential:
             ops.torch_write_step(dsts, index, srcs)
         else:
@@ -474,7 +513,11 @@ class ExperienceBuffer(nn.Module):
     def _step_plan(self, keys: tuple, specs: list) -> _StepPlan:
         """The prepared write of ``keys`` (built once per tuple of keys)."""
         plan = self._step_plans.get(keys)
-        if plan is None or any(p is not s.tensor for p, s in zip(plan.dsts, specs)):
+        if (
+            plan is None
+            or plan.ptrs != [s.ptr for s in specs]
+            or any(p is not s.tensor for p, s in zip(plan.dsts, specs))
+        ):
             if len(self._step_plans) >= 64:
                 self._step_plans.clear()
             plan = self._step_plans[keys] = _StepPlan(keys, specs)
@@ -492,7 +535,7 @@ class ExperienceBuffer(nn.Module):
             and data.layout is _STRIDED
         ):
             data = self._check_data(key, spec, data, spec.tensor.shape, "batch_update_data")
-        if data._base is not None or self._view_buffers:  # see update_data
+        if not spec.footprint.excludes(data):  # see update_data
             check_sources((key,), (spec.tensor,), None, (data,), "batch_update_data")
         if self._lender.refs:
             self._lender.settle()
@@ -699,15 +742,29 @@ _LIVE_BUFFERS: weakref.WeakValueDictionary[int, ExperienceBuffer] = weakref.Weak
 _TOKENS = itertools.count(1)
 
 
-@torch.library.custom_op("rollout_buffers::update_step", mutates_args=("dsts",))
-def _update_step_op(
-    dsts: list[Tensor], index: int, srcs: list[Tensor], token: int, keys: str
-) -> None:
+@torch.library.custom_op("rollout_buffers::settle", mutates_args=())
+def _settle_op(dsts: list[Tensor], token: int) -> Tensor:
+    """Copy-on-write before a compiled update_step: make what the buffer's lent mappings still
+    hold unread, from the storages as they are before this step's write (whatever the compiler
+    does with the write: clone it, re-inplace it, copy it back). Returns an empty tensor that
+    the write takes as an input, which orders the write after this."""
     buffer = _LIVE_BUFFERS.get(token)
     if buffer is not None and buffer._lender.refs:
-        # Copy-on-write, as the eager update_step does before writing. The dispatcher has
-        # already bumped the destinations' version counters for this call: not a bypass.
-        buffer._lender.settle(bumped=dsts)
+        buffer._lender.settle(compiled_write=dsts)
+    return dsts[0].new_empty(0)
+
+
+@_settle_op.register_fake
+def _(dsts: list[Tensor], token: int) -> Tensor:
+    return dsts[0].new_empty(0)
+
+
+@torch.library.custom_op("rollout_buffers::update_step", mutates_args=("dsts",))
+def _update_step_op(
+    dsts: list[Tensor], index: int, srcs: list[Tensor], token: int, keys: str, settled: Tensor
+) -> None:
+    """The compiled update_step's write (``settled``: the result of :func:`_settle_op`)."""
+    buffer = _LIVE_BUFFERS.get(token)
     # The eager path's overlap check, here where the tensors are real (see update_step).
     if check_sources(keys.split("\0"), dsts, index, srcs, "update_step"):
         ops.torch_write_step(dsts, index, srcs)
@@ -718,8 +775,20 @@ def _update_step_op(
 
 
 @_update_step_op.register_fake
-def _(dsts: list[Tensor], index: int, srcs: list[Tensor], token: int, keys: str) -> None:
+def _(
+    dsts: list[Tensor], index: int, srcs: list[Tensor], token: int, keys: str, settled: Tensor
+) -> None:
     return None
+
+
+def _copies_into(shape: torch.Size, row: torch.Size) -> bool:
+    """Whether ``copy_`` broadcasts a source of ``shape`` to ``row`` (no more dims; each of its
+    trailing dims equal or 1). Leading size-1 dims beyond the row's, which assignment drops,
+    take the slow path."""
+    n = len(shape)
+    if n > len(row):
+        return False
+    return all(a == b or a == 1 for a, b in zip(shape, row[len(row) - n :]))
 
 
 def _normalize_shape(key: str, shape: Any) -> tuple[int, ...]:

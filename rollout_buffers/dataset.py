@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from . import backend, ops
+from . import _guards, backend, ops
 from ._index import as_index
 from ._index import positive_int as _positive_int
 from ._transfer import host_to_device
@@ -134,7 +134,9 @@ class DictDataset(Dataset):
         self.generator = generator
         self._device = device
         self.shuffled_to_original: Tensor = torch.arange(num_tensors, device=device)
-        self._perm_checked: Tensor | None = self.shuffled_to_original
+        # What the permutation held when it was last checked (address, version, layout): an
+        # assignment, an in-place edit, `.data =` or `copy_` since then changes it.
+        self._perm_seen = _guards.contents(self.shuffled_to_original)
         self._wrap = False  # the permutation may hold entries outside [0, num_tensors)
         self._pinned: Tensor | None = None  # the host side of an asynchronous copy in flight
         # Each key's length, fixed now as the original fixed it; and the gather prepared for
@@ -147,9 +149,10 @@ class DictDataset(Dataset):
             self.shuffle()
 
     def _adopt_permutation(self, perm: Any) -> Tensor:
-        """A permutation assigned to ``shuffled_to_original`` by the caller (the original kept
-        a NumPy array there), made what the gather reads: 1-D int64, contiguous, on the data's
-        device, ``num_tensors`` long. Checked once per new object, on the host."""
+        """A permutation the caller assigned to ``shuffled_to_original`` (the original kept a
+        NumPy array there) or changed in place, made what the gather reads: 1-D int64,
+        contiguous, on the data's device, ``num_tensors`` long. Checked on the host, once per
+        change."""
         try:
             perm = torch.as_tensor(perm)
         except Exception as exc:
@@ -169,7 +172,8 @@ class DictDataset(Dataset):
             perm.numel() > 0 and bool((perm.min() < 0) | (perm.max() >= self.num_tensors))
         )
         perm = perm.to(device=self._device, dtype=torch.int64).contiguous()
-        self.shuffled_to_original = self._perm_checked = perm
+        self.shuffled_to_original = perm
+        self._perm_seen = _guards.contents(perm)
         return perm
 
     def shuffle(self) -> None:
@@ -179,7 +183,8 @@ class DictDataset(Dataset):
             perm = torch.randperm(self.num_tensors, device=self._device, generator=self.generator)
         else:
             perm = self._host_to_device(np.random.permutation(self.num_tensors))
-        self.shuffled_to_original = self._perm_checked = perm
+        self.shuffled_to_original = perm
+        self._perm_seen = _guards.contents(perm)
         self._wrap = False  # a drawn permutation holds 0..num_tensors-1 only
 
     def _host_to_device(self, perm: np.ndarray) -> Tensor:
@@ -214,15 +219,23 @@ class DictDataset(Dataset):
         if index < 0:
             index += n
         perm = self.shuffled_to_original
-        if perm is not self._perm_checked:  # assigned from outside since the last batch
+        try:  # _guards.contents, inlined (no Python call per minibatch)
+            seen = perm.data_ptr(), perm._version, perm.shape, perm.stride()
+        except (AttributeError, RuntimeError):  # an array (the original kept NumPy's), or an
+            seen = None  # inference tensor (no version counter): checked every time
+        if seen is None or seen != self._perm_seen:  # assigned, or changed since checked
             perm = self._adopt_permutation(perm)
         # Read tensor_dict on every call, as the original did: code that edits it in place after
         # building the dataset (re-normalized advantages, say) gets what it wrote. The prepared
-        # gather is reused while tensor_dict holds the same keys and tensors.
+        # gather is reused while tensor_dict holds the same keys and tensors, each still at the
+        # address, version and layout it was prepared for (a gather may read a copy of a source
+        # whose rows are not dense, or a descriptor table holding its address).
         td = self.tensor_dict
         plan = self._plan
         if type(td) is FlatDict:
             if plan is None or plan.source is not td or plan.state != td._state:
+                plan = self._prepare(td)
+            elif plan.plain and plan.stamps != _stamps(plan.plain):
                 plan = self._prepare(td)
             if td._pkeys:
                 td._check_fresh()  # a pending value written behind the API's back: refuse
@@ -234,6 +247,7 @@ class DictDataset(Dataset):
                 or plan.keys != keys
                 or len(values) != len(plan.values)
                 or not all(map(operator.is_, values, plan.values))
+                or plan.stamps != _stamps(values)
             ):
                 plan = self._prepare(td)
         gather = plan.gathers.get((backend._backend, self._wrap))
@@ -297,12 +311,17 @@ class _Plan:
     validated, and their gather for each backend and permutation kind it ran under (built at
     the first batch that needs it)."""
 
-    __slots__ = ("keys", "values", "modes", "lengths", "source", "state", "gathers")
+    __slots__ = ("keys", "values", "modes", "lengths", "source", "state", "plain", "stamps",
+                 "gathers")  # fmt: skip
 
     def __init__(self, keys: tuple, values: list, modes: list, lengths: list, source: Any):
         self.keys, self.values, self.modes, self.lengths = keys, values, modes, lengths
         self.source = source
         self.state = source._state if type(source) is FlatDict else None
+        # The sources a FlatDict does not watch itself (all but its pending storages), and what
+        # each held when prepared (see _stamps).
+        self.plain = [v for v, m in zip(values, modes) if m == ops.ROWS]
+        self.stamps = _stamps(self.plain if type(source) is FlatDict else values)
         self.gathers: dict[tuple, Any] = {}  # (backend name, wrap) -> gather
 
     def ready(self, ds: DictDataset):
@@ -311,6 +330,14 @@ class _Plan:
         )
         self.gathers[(backend._backend, ds._wrap)] = g
         return g
+
+
+def _stamps(values: list) -> list:
+    """:func:`_guards.contents` of every tensor (inlined: this runs for every minibatch)."""
+    try:
+        return [(v.data_ptr(), v._version, v.shape, v.stride()) for v in values]
+    except RuntimeError:  # an inference tensor: no version counter
+        return [_guards.contents(v) for v in values]
 
 
 def _sources(td: Any) -> list[tuple[Any, Any, int, bool]]:

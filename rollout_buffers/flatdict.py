@@ -26,11 +26,23 @@ Two promises keep the values what the eager copy would have been:
   out that still has pending values and is still referenced somewhere is materialized first. A
   FlatDict nobody refers to any more costs nothing.
 - **Writes that bypass the API are caught.** Each pending value remembers its storage's
-  version counter (``tensor._version``, bumped by every in-place write); reading a value whose
-  storage was written since (``buffer.obs[...] = x``, ``buffer.obs.mul_(2)``) raises
-  :class:`StaleRolloutError` naming the key, never returns the new data. A write that does
-  not bump the counter cannot be detected: through a raw pointer, DLPack, ``.numpy()``,
-  ``tensor.data``, another process, a kernel outside PyTorch, a replayed CUDA graph.
+  version counter (``tensor._version``, bumped by every in-place write) and address (moved by
+  ``buffer.obs.data = ...``); reading a value whose storage was written or replaced since
+  (``buffer.obs[...] = x``, ``buffer.obs.mul_(2)``) raises :class:`StaleRolloutError` naming
+  the key, never returns the new data. A write that does not bump the counter cannot be
+  detected: through a raw pointer, DLPack, ``.numpy()``, ``tensor.data``, another process, a
+  kernel outside PyTorch, a replayed CUDA graph. Under ``torch.compile`` the compiler moves
+  the version counters of the buffers a compiled ``update_step`` writes as it sees fit, so a
+  bypassing write to a key just before a compiled ``update_step`` of that same key is not
+  caught (one to any other key is).
+
+Values are made once, under a lock: a reader in one thread and the buffer's copy-on-write
+before a write in another never race (the write waits for the values being made).
+
+Code that reads a ``dict`` below Python sees the placeholders of values not yet made: unbound
+``dict.values(d)`` / ``dict.__getitem__(d, k)``, C extensions, TorchScript (which refuses the
+mapping, naming the placeholder). Each placeholder's ``repr`` says so and names the switch
+below; reading the mapping first (``d.values()``), ``dict(d)``, or the switch fixes it.
 
 The eager behaviour (a plain dict of copies) comes back with :func:`set_lazy_make_dict` or the
 environment variable ``ROLLOUT_BUFFERS_LAZY_MAKE_DICT=0``.
@@ -38,8 +50,8 @@ environment variable ``ROLLOUT_BUFFERS_LAZY_MAKE_DICT=0``.
 
 from __future__ import annotations
 
-import operator
 import os
+import threading
 import weakref
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -72,15 +84,27 @@ class StaleRolloutError(RolloutValueError, RuntimeError):
 
 
 class _Pending:
+    """What a FlatDict holds for a value not yet made (seen only by code reading the dict below
+    Python: unbound ``dict`` methods, TorchScript, C extensions)."""
+
     __slots__ = ()
 
     def __repr__(self) -> str:
-        return "<pending>"
+        return (
+            "<pending: a make_dict() value not made yet, seen by code that reads the dict "
+            "below Python (unbound dict methods, TorchScript); read the mapping first "
+            "(d.values(), dict(d)) or call rollout_buffers.set_lazy_make_dict(False)>"
+        )
 
 
 PENDING = _Pending()
 _MISSING = object()
-_version = operator.attrgetter("_version")
+
+
+def _seen(t: Tensor) -> tuple[int, int]:
+    """What a pending value's storage holds, as far as can be told without reading it: its
+    version counter (bumped by every in-place write) and its address (moved by ``.data =``)."""
+    return t._version, t.data_ptr()
 
 
 class FlatDict(dict):
@@ -113,7 +137,7 @@ class FlatDict(dict):
         # autograd refuses to save, where the eager copies were normal tensors).
         self._inference = torch.is_inference_mode_enabled()
         try:
-            versions = list(map(_version, storages))
+            versions = list(map(_seen, storages))
         except RuntimeError:
             # Inference tensors (a buffer built under torch.inference_mode()) keep no version
             # counter: a write behind the API's back could not be caught. Made now, eagerly.
@@ -135,6 +159,9 @@ class FlatDict(dict):
         # DictDataset compares it to know whether its prepared gather still applies.
         self._state = 0
         self._bulk = False  # iterated: the next single read makes every value (see _ready)
+        # Held while values are made or forgotten: a reader in one thread and the buffer's
+        # copy-on-write before a write in another make them once, and the write waits.
+        self._lock = threading.RLock()
 
     # -- what DictDataset reads without materializing ----------------------------------------
 
@@ -148,19 +175,19 @@ class FlatDict(dict):
     def _check_fresh(self) -> None:
         """Raise :class:`StaleRolloutError` if a pending value was written behind the API's
         back; a few attribute reads when none was (a dataset calls it for every minibatch)."""
-        if list(map(_version, self._pstorages)) != self._pversions:
+        if [(t._version, t.data_ptr()) for t in self._pstorages] != self._pversions:  # _seen
             self._check_versions()
 
-    def _forgive(self, bumped: Sequence[Tensor]) -> None:
-        """Take one version bump of these storages as not a write (see Lender.settle)."""
-        ptrs = {(t.data_ptr(), t.shape) for t in bumped}
+    def _accept_versions(self, storages: Sequence[Tensor]) -> None:
+        """Take what ``storages`` hold now as what the API left there (see Lender.settle)."""
+        ptrs = {t.data_ptr() for t in storages}
         for i, st in enumerate(self._pstorages):
-            if (st.data_ptr(), st.shape) in ptrs and st._version == self._pversions[i] + 1:
-                self._pversions[i] = st._version
+            if st.data_ptr() in ptrs:
+                self._pversions[i] = _seen(st)
 
     def _stale(self) -> list[str]:
         return [
-            k for k, st, v in zip(self._pkeys, self._pstorages, self._pversions) if st._version != v
+            k for k, st, v in zip(self._pkeys, self._pstorages, self._pversions) if _seen(st) != v
         ]
 
     def _check_versions(self, keys: Sequence[str] | None = None) -> None:
@@ -186,11 +213,16 @@ class FlatDict(dict):
         A value whose storage was written behind the API's back is left pending: reading it
         raises :class:`StaleRolloutError`; the others are made as usual.
         """
-        pk = self._pkeys
-        if not pk:
+        if type(self) is not FlatDict:  # every value made already (maybe by another thread)
             return
+        with self._lock:
+            if type(self) is FlatDict and self._pkeys:
+                self._materialize(keys)
+
+    def _materialize(self, keys: Sequence[Any] | None) -> None:
+        pk = self._pkeys
         storages = self._pstorages
-        if keys is None and list(map(_version, storages)) == self._pversions:
+        if keys is None and list(map(_seen, storages)) == self._pversions:
             if len(pk) == self._nall:
                 outs = self._flatten_in_mode(self._flatten_all)
             else:
@@ -215,8 +247,11 @@ class FlatDict(dict):
                 self._release(self)  # nothing left to copy before the buffer is written
         if not self._pkeys:
             # Every value made: from now on a plain dict (C-speed reads), still a FlatDict for
-            # isinstance, holding no reference to the buffer any more.
+            # isinstance, holding no reference to the buffer any more (the lock stays: a
+            # reader in another thread may be about to take it, then finds nothing to do).
+            lock = self._lock
             self.__dict__.clear()
+            self._lock = lock
             self.__class__ = _Made
 
     def _flatten_in_mode(self, fn: Callable[..., list[Tensor]], *args: Any) -> list[Tensor]:
@@ -239,6 +274,10 @@ class FlatDict(dict):
             self._check_versions(keys)
 
     def _forget(self, key: Any) -> None:
+        with self._lock:
+            self._forget_locked(key)
+
+    def _forget_locked(self, key: Any) -> None:
         if key in self._pkeys:
             i = self._pkeys.index(key)
             del self._pkeys[i], self._pstorages[i], self._pversions[i]
@@ -369,19 +408,23 @@ class FlatDict(dict):
         return self
 
     def clear(self) -> None:
-        dict.clear(self)
-        if self._pkeys:
-            self._pkeys, self._pstorages, self._pversions = [], [], []
-            if self._release is not None:
-                self._release(self)
-        self._state += 1
+        with self._lock:
+            dict.clear(self)
+            if self._pkeys:
+                self._pkeys, self._pstorages, self._pversions = [], [], []
+                if self._release is not None:
+                    self._release(self)
+            self._state += 1
 
 
 class _Made(FlatDict):
     """A FlatDict whose every value is made: dict's own methods, at C speed (assigning dict's
     slot wrappers makes CPython call them directly, with no Python frame)."""
 
-    _pkeys = ()
+    # What a reader that raced the last materialization (another thread) may still look at.
+    _pkeys = _pstorages = _pversions = ()
+    _bulk = False
+    _state = -1
     __getitem__ = dict.__getitem__
     get = dict.get
     values = dict.values
@@ -488,18 +531,21 @@ class Lender:
     def release(self, d: FlatDict) -> None:
         self.refs = [r for r in self.refs if r() is not None and r() is not d]
 
-    def settle(self, bumped: Sequence[Tensor] = ()) -> None:
+    def settle(self, compiled_write: Sequence[Tensor] = ()) -> None:
         """Materialize every outstanding FlatDict (before the storages are written); a value
         already stale stays pending and raises when read.
 
-        ``bumped``: storages whose version counter the caller's own operator has already
-        bumped once, before writing them (torch's dispatcher does it for the mutated
-        arguments of a custom op): one bump of those is not a write behind the API's back.
+        ``compiled_write``: the storages a compiled ``update_step`` is about to write. A
+        compiler moves the version counters of the tensors its graph mutates as it sees fit
+        (AOTAutograd bumps them before the graph runs, inductor's copy-back again after), so
+        those counters cannot tell a write behind the API's back from the compiler's own
+        bookkeeping: the values of those storages are made from what they hold now. Every
+        other storage keeps its check.
         """
         for ref in list(self.refs):
             d = ref()
             if d is not None and type(d) is FlatDict:
-                if bumped:
-                    d._forgive(bumped)
+                if compiled_write:
+                    d._accept_versions(compiled_write)
                 d.materialize()
         self.refs = []

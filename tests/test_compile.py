@@ -62,8 +62,9 @@ def test_update_step_custom_op_is_registered_with_mutation():
     assert op._schema.arguments[0].alias_info is not None  # dsts is mutated
     buf = _buffer()
     srcs = [torch.ones(5, 4), torch.full((5,), 2.0)]
+    settled = torch.ops.rollout_buffers.settle([buf.obs, buf.rewards], buf._token)
     torch.ops.rollout_buffers.update_step(
-        [buf.obs, buf.rewards], 1, srcs, buf._token, "obs\0rewards"
+        [buf.obs, buf.rewards], 1, srcs, buf._token, "obs\0rewards", settled
     )
     assert torch.equal(buf.obs[1], srcs[0]) and torch.equal(buf.rewards[1], srcs[1])
     assert not buf.obs[0].any() and not buf.obs[2].any()

@@ -167,18 +167,7 @@ def _step_rew(buf, index, rew):
     buf.update_step(index, {"rew": rew})
 
 
-#: aot_eager (and inductor, torch.compile's default) hand the update_step operator functional
-#: copies of the storages: the version bump of the compiled write is not recognised as the
-#: API's own, and the kept value of the key it writes is then refused as stale.
-AOT_STALE = pytest.mark.xfail(
-    strict=True,
-    raises=StaleRolloutError,
-    reason="library bug: under aot_eager/inductor a compiled update_step leaves the written "
-    "key's kept value reported stale (Lender.settle's bumped storages are functional copies)",
-)
-
-
-@pytest.mark.parametrize("compiler", ["eager", "aot_eager"])
+@pytest.mark.parametrize("compiler", ["eager", "aot_eager", "inductor"])
 def test_a_bypass_write_stays_stale_across_a_compiled_update_step_of_another_key(compiler):
     torch._dynamo.reset()
     b = _buffer()
@@ -191,7 +180,7 @@ def test_a_bypass_write_stays_stale_across_a_compiled_update_step_of_another_key
         d["obs"]  # never the data written behind the API's back
 
 
-@pytest.mark.parametrize("compiler", ["eager", pytest.param("aot_eager", marks=AOT_STALE)])
+@pytest.mark.parametrize("compiler", ["eager", "aot_eager", "inductor"])
 def test_a_compiled_update_step_keeps_the_written_keys_pre_write_value_beside_a_stale_one(
     compiler,
 ):
