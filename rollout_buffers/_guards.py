@@ -25,13 +25,21 @@ from collections.abc import Iterable
 
 from torch import Tensor
 
-__all__ = ["Footprint", "contents", "layout", "sign_free"]
+__all__ = ["Footprint", "contents", "layout", "sign_free", "storage_range"]
 
 
-def _storage_range(t: Tensor) -> tuple[int, int]:
-    s = t.untyped_storage()
-    lo = s.data_ptr()
-    return lo, lo + s.nbytes()
+def storage_range(t: Tensor) -> tuple[int, int]:
+    """``[first byte, one past the last byte)`` of ``t``'s whole storage: every tensor over
+    that storage starts inside it. A tensor without a real storage (a wrapper subclass, such as
+    the stand-in CUDA tensors host cost is measured with) gets its own elements' extent."""
+    try:
+        s = t.untyped_storage()
+        lo = s.data_ptr()
+        return lo, lo + s.nbytes()
+    except RuntimeError:
+        lo = t.data_ptr()
+        extent = 1 + sum((n - 1) * st for n, st in zip(t.shape, t.stride()) if n)
+        return lo, lo + (extent * t.element_size() if t.numel() else 0)
 
 
 class Footprint:
@@ -40,11 +48,11 @@ class Footprint:
     __slots__ = ("lo", "hi", "starts", "ends")
 
     def __init__(self, tensors: Iterable[Tensor]) -> None:
-        # Sorted, disjoint [start, end] ranges (storages shared by several keys merged), so
+        # Sorted, disjoint [start, end) ranges (storages shared by several keys merged), so
         # that the one a pointer may fall in is found by bisection.
         merged: list[list[int]] = []
-        for lo, hi in sorted(_storage_range(t) for t in tensors):
-            if merged and lo <= merged[-1][1]:
+        for lo, hi in sorted(storage_range(t) for t in tensors):
+            if merged and lo < merged[-1][1]:
                 merged[-1][1] = max(merged[-1][1], hi)
             else:
                 merged.append([lo, hi])
@@ -56,14 +64,16 @@ class Footprint:
     def excludes(self, t: Tensor) -> bool:
         """Whether ``t`` provably shares no memory with these storages: it starts outside all
         of them. (Inside one, it may or may not overlap: the caller then checks byte ranges.)
-        Hot paths inline it: ``not lo <= p <= hi``, then :meth:`excludes_inside`."""
+        Hot paths inline it: ``not lo <= p < hi``, then :meth:`excludes_inside`. The ranges
+        are half-open: a tensor starting at a storage's end holds none of its bytes (only an
+        empty view can), and the next allocation often starts exactly there."""
         p = t.data_ptr()
-        return not self.lo <= p <= self.hi or self.excludes_inside(p)
+        return not self.lo <= p < self.hi or self.excludes_inside(p)
 
     def excludes_inside(self, p: int) -> bool:
         """:meth:`excludes` of an address between ``lo`` and ``hi``: in a gap between storages."""
         i = bisect_right(self.starts, p)
-        return i == 0 or p > self.ends[i - 1]
+        return i == 0 or p >= self.ends[i - 1]
 
 
 def contents(t: Tensor) -> tuple:

@@ -19,6 +19,12 @@ from .errors import RolloutOverlapError
 __all__ = ["check_sources"]
 
 
+def _storage_base(t: Tensor) -> int:
+    """The address of ``t``'s storage (what ``t.untyped_storage().data_ptr()`` returns, without
+    making the storage object: also for tensors without one, such as host-cost stand-ins)."""
+    return t.data_ptr() - t.storage_offset() * t.element_size()
+
+
 def _span(t: Tensor) -> tuple[int, int]:
     """``[first byte, one past the last byte)`` of the elements of ``t`` (strides are >= 0)."""
     lo = t.data_ptr()
@@ -50,11 +56,11 @@ def check_sources(
     for k, src in enumerate(srcs):
         if src.numel() == 0:
             continue
-        storage = src.untyped_storage().data_ptr()
-        if storage == 0:  # no memory behind it (a meta tensor)
+        storage = _storage_base(src)
+        if src.data_ptr() == 0:  # no memory behind it (a meta tensor)
             continue
         if dst_storages is None:
-            dst_storages = [d.untyped_storage().data_ptr() for d in dsts]
+            dst_storages = [_storage_base(d) for d in dsts]
         for j, dst in enumerate(dsts):
             if dst_storages[j] != storage:
                 continue

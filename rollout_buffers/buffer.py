@@ -82,8 +82,8 @@ class _Spec:
     at that address (``buffer.<key>.data = ...``), the spec is rebuilt from what is there now.
     """
 
-    __slots__ = ("tensor", "ptr", "row_shape", "dtype", "device", "footprint", "lo", "hi",
-                 "written", "steps", "writer")  # fmt: skip
+    __slots__ = ("tensor", "ptr", "row_shape", "dtype", "device", "lo", "hi", "written",
+                 "all_written", "steps", "writer")  # fmt: skip
 
     def __init__(self, tensor: Tensor, written: bytearray) -> None:
         self.tensor = tensor
@@ -91,14 +91,20 @@ class _Spec:
         self.row_shape = tensor.shape[1:]  # (num_envs, *shape): what one step holds
         self.dtype = tensor.dtype
         self.device = tensor.device
-        # The key's whole storage: a source starting outside [lo, hi] shares no memory with it.
-        self.footprint = _guards.Footprint((tensor,))
-        self.lo, self.hi = self.footprint.lo, self.footprint.hi
+        # The key's whole storage, [lo, hi]: a source starting outside shares no memory with
+        # it (see _guards.Footprint).
+        self.lo, self.hi = _guards.storage_range(tensor)
         self.written = written  # written[step] == 1 once the step was written since the reset
-        # One view per step, made once: update_data writes steps[t].copy_(x), one operator
-        # where `tensor[t] = x` is two (select, then copy_), each a dispatch on the host.
-        self.steps = ops.step_views(tensor)
+        self.all_written = b"\x01" * len(written)
+        self.steps: tuple[Tensor, ...] | None = None  # see make_steps
         self.writer = None  # backend 'triton': the key's step writer
+
+    def make_steps(self) -> tuple[Tensor, ...]:
+        """One view per step, made at the first write (not at registration, which stays as
+        cheap as the original's): update_data writes ``steps[t].copy_(x)``, one operator where
+        ``tensor[t] = x`` is two (select, then copy_), each a dispatch on the host."""
+        self.steps = ops.step_views(self.tensor)
+        return self.steps
 
 
 class _StepPlan:
@@ -131,7 +137,8 @@ class _StepPlan:
 
 _STRIDED = torch.strided
 _is = operator.is_
-_data_ptr = Tensor.data_ptr
+# (a method call, not Tensor.data_ptr: host-cost stand-in tensors carry their own data_ptr)
+_data_ptr = operator.methodcaller("data_ptr")
 _bisect = bisect.bisect_right
 # True while Dynamo traces (it folds the call to a constant), False when run: one Python call.
 _dynamo_compiling = torch.compiler.is_dynamo_compiling
@@ -299,12 +306,20 @@ class ExperienceBuffer(nn.Module):
             raise RolloutKeyError(
                 f"{key}: a key must be a non-empty string without '.', received {key!r}"
             )
-        if hasattr(self, key):
+        if (
+            key in self.__dict__
+            or key in self._parameters
+            or key in self._buffers
+            or key in self._modules
+            or hasattr(type(self), key)
+        ):  # hasattr(self, key), without nn.Module.__getattr__'s exception for a new name
             raise RolloutKeyError(
                 f"{key}: '{key}' clashes with an existing attribute of ExperienceBuffer; choose another name"
             )
-        shape = _normalize_shape(key, shape)
-        dtype = _normalize_dtype(key, dtype)
+        if not (type(shape) is tuple and all(type(d) is int and d >= 0 for d in shape)):
+            shape = _normalize_shape(key, shape)
+        if not isinstance(dtype, torch.dtype):
+            dtype = _normalize_dtype(key, dtype)
         tensor = torch.zeros(
             (self.num_steps, self.num_envs, *shape), dtype=dtype, device=self._device
         )
@@ -352,38 +367,59 @@ class ExperienceBuffer(nn.Module):
             index = self._step_index(key, index, step)
         if self._lender.refs:
             self._lender.settle()
-        if not (
+        if (
             type(data) is Tensor
-            and (data.shape == spec.row_shape or _copies_into(data.shape, spec.row_shape))
             and data.device == spec.device
             and not data.requires_grad
             and data.layout is _STRIDED
-            and not spec.lo <= data.data_ptr() <= spec.hi  # shares no memory with the key
+            and not spec.lo <= data.data_ptr() < spec.hi  # shares no memory with the key
             and (data.dtype is spec.dtype or not data.is_complex())
         ):
-            data = self._check_data(key, spec, data, spec.row_shape, "update_data")
-            if not spec.footprint.excludes(data):
-                check_sources((key,), (spec.tensor,), index, (data,), "update_data")
             if backend._backend != "triton":
-                # PyTorch's assignment, whose broadcasting rules (leading 1s dropped, one
-                # element filled) are what update_data promises.
-                spec.tensor[index] = data
-                data = None
-        if data is None:
-            pass
-        elif backend._backend == "triton":  # the step-write kernel, as requested
-            w = spec.writer
-            if w is None:
-                w = spec.writer = ops.step_writer((spec.tensor,))
-            if data.dtype is not spec.dtype or data.shape != spec.row_shape:
-                data = ops.as_source(spec.tensor, data)
-            w(index, (data,))
-        else:  # a single key: PyTorch's own copy costs the host least, on every device; it
-            # reads any strides, casts, broadcasts and applies lazy sign flags itself
-            spec.steps[index].copy_(data)
+                # A single key: PyTorch's own copy costs the host least, on every device. It
+                # reads any strides, casts, applies lazy sign flags and broadcasts as assignment
+                # does (but for leading size-1 dims, which it refuses before writing anything:
+                # the slow path takes those, and explains a shape that does not fit).
+                steps = spec.steps
+                if steps is None:
+                    steps = spec.make_steps()
+                try:
+                    steps[index].copy_(data)
+                except RuntimeError:
+                    self._update_data_slow(key, spec, index, data)
+            elif data.shape == spec.row_shape:  # the step-write kernel, as requested
+                w = spec.writer
+                if w is None:
+                    w = spec.writer = ops.step_writer((spec.tensor,))
+                if data.dtype is not spec.dtype:
+                    data = ops.as_source(spec.tensor, data)
+                w(index, (data,))
+            else:
+                self._update_data_slow(key, spec, index, data)
+        else:
+            self._update_data_slow(key, spec, index, data)
         if not spec.written[index]:
             spec.written[index] = 1
             self.store_dict[key] += index + 1
+
+    def _update_data_slow(self, key: str, spec: _Spec, index: int, data: Any) -> None:
+        """update_data of anything the fast path did not take: validate in full and explain,
+        refuse an overlap, then PyTorch's assignment (or the step-write kernel, when the
+        backend is ``triton``)."""
+        data = self._check_data(key, spec, data, spec.row_shape, "update_data")
+        if spec.lo <= data.data_ptr() < spec.hi:  # may share memory: look at the bytes
+            check_sources((key,), (spec.tensor,), index, (data,), "update_data")
+        if backend._backend != "triton":
+            # PyTorch's assignment, whose broadcasting rules (leading 1s dropped, one element
+            # filled) are what update_data promises.
+            spec.tensor[index] = data
+            return
+        w = spec.writer
+        if w is None:
+            w = spec.writer = ops.step_writer((spec.tensor,))
+        if data.dtype is not spec.dtype or data.shape != spec.row_shape:
+            data = ops.as_source(spec.tensor, data)
+        w(index, (data,))
 
     def update_step(self, index: int, tensors: Mapping[str, Any]) -> None:
         """Write every ``(key, tensor)`` of ``tensors`` at step ``index``, in one fused launch on CUDA.
@@ -431,9 +467,9 @@ class ExperienceBuffer(nn.Module):
                 # Shares no memory with any destination: Footprint.excludes, inlined (no
                 # Python call per key). Outside the destinations' span: one compare.
                 p = data.data_ptr()
-                if lo <= p <= hi:
+                if lo <= p < hi:
                     i = _bisect(starts, p)
-                    if i and p <= ends[i - 1]:
+                    if i and p < ends[i - 1]:
                         break
             else:
                 if writer.exact:  # the Triton writer: sources of the destinations' dtypes
@@ -525,7 +561,13 @@ class ExperienceBuffer(nn.Module):
 
     def batch_update_data(self, key: str, data: Any) -> None:
         """Write the whole ``(num_steps, num_envs, *shape)`` buffer of ``key`` and mark every step written."""
-        spec = self._spec(key)
+        spec = self._specs.get(key) if type(key) is str else None
+        if (
+            spec is None
+            or self._buffers[key] is not spec.tensor
+            or spec.tensor.data_ptr() != spec.ptr
+        ):
+            spec = self._spec(key)
         if not (
             type(data) is Tensor
             and data.shape == spec.tensor.shape
@@ -535,12 +577,12 @@ class ExperienceBuffer(nn.Module):
             and data.layout is _STRIDED
         ):
             data = self._check_data(key, spec, data, spec.tensor.shape, "batch_update_data")
-        if not spec.footprint.excludes(data):  # see update_data
+        if spec.lo <= data.data_ptr() < spec.hi:  # see update_data
             check_sources((key,), (spec.tensor,), None, (data,), "batch_update_data")
         if self._lender.refs:
             self._lender.settle()
         spec.tensor.copy_(data)
-        spec.written[:] = b"\x01" * self.num_steps
+        spec.written[:] = spec.all_written
         self.store_dict[key] = self.total_sum()
 
     def compute_gae(
@@ -779,16 +821,6 @@ def _(
     dsts: list[Tensor], index: int, srcs: list[Tensor], token: int, keys: str, settled: Tensor
 ) -> None:
     return None
-
-
-def _copies_into(shape: torch.Size, row: torch.Size) -> bool:
-    """Whether ``copy_`` broadcasts a source of ``shape`` to ``row`` (no more dims; each of its
-    trailing dims equal or 1). Leading size-1 dims beyond the row's, which assignment drops,
-    take the slow path."""
-    n = len(shape)
-    if n > len(row):
-        return False
-    return all(a == b or a == 1 for a, b in zip(shape, row[len(row) - n :]))
 
 
 def _normalize_shape(key: str, shape: Any) -> tuple[int, ...]:

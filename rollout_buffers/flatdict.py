@@ -153,6 +153,7 @@ class FlatDict(dict):
         self._pversions = versions
         self._flatten_all = flatten_all  # prepared for exactly the storages above, all pending
         self._nall = len(self._pkeys)
+        self._rows = storages[0].shape[0] * storages[0].shape[1] if storages else 0
         self._flatten = flatten
         self._release = release
         # Bumped whenever what a value is made of changes (materialized, set, deleted): a
@@ -165,12 +166,20 @@ class FlatDict(dict):
 
     # -- what DictDataset reads without materializing ----------------------------------------
 
-    def _sources(self) -> list[tuple[str, Tensor, bool]]:
-        """``(key, tensor, pending)`` in order: the ``(T, N, ...)`` storage of a pending value,
-        else the value itself. Raises :class:`StaleRolloutError` for a stale pending value."""
+    def _sources(self) -> list[tuple[Any, Any, int, bool]]:
+        """``(key, tensor, rows, pending)`` in order: the ``(T, N, ...)`` storage of a pending
+        value (``T * N`` rows), else the value itself (its length along dim 0; 0 for no tensor
+        or a 0-dim one). Raises :class:`StaleRolloutError` for a stale pending value."""
         self._check_fresh()
         pend = dict(zip(self._pkeys, self._pstorages))
-        return [(k, pend[k], True) if k in pend else (k, v, False) for k, v in dict.items(self)]
+        out = []
+        for k, v in dict.items(self):
+            s = pend.get(k)
+            if s is not None:
+                out.append((k, s, self._rows, True))
+            else:
+                out.append((k, v, v.shape[0] if isinstance(v, Tensor) and v.dim() else 0, False))
+        return out
 
     def _check_fresh(self) -> None:
         """Raise :class:`StaleRolloutError` if a pending value was written behind the API's
