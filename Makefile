@@ -8,7 +8,7 @@ PY     := $(VENV)/bin/python
 # Triton 3.9 warns on every compile unless this is set; 1 keeps its current default (fusion on).
 export TRITON_DEFAULT_FP_FUSION ?= 1
 
-.PHONY: setup test test-random test-api-triton test-triton36 aot demo bench bench-sequences bench-client-mix bench-micro bench-gae fuzz lint clean
+.PHONY: setup test test-random test-api-triton test-triton36 aot demo bench bench-sequences bench-client-mix bench-micro bench-gae fuzz lint mutate mutate-report clean
 
 setup: $(VENV)/.installed
 
@@ -94,5 +94,34 @@ lint: setup
 	$(VENV)/bin/ruff check rollout_buffers kernels tests bench examples
 	$(VENV)/bin/ruff format --check rollout_buffers kernels tests bench examples
 
+# Mutation testing, a habit and not a gate (not in `test`, not in CI): mutmut (the `dev` extra,
+# configured in pyproject.toml's [tool.mutmut]) over rollout_buffers/ and the host-side Python of
+# kernels/ (the @triton.jit bodies are left alone). It runs the suite once to learn which tests
+# call each function, then each mutant against those tests only; results stay in mutants/ and
+# the next run resumes. Survivors are printed as file:line: mutation, and the summary written
+# to bench/results/mutation.md. Details: bench/mutation.py.
+#   make mutate                                   everything, in a 60-minute box (resumable)
+#   make mutate PATHS=rollout_buffers/dataset.py  one file (or folder); its mutants all retested
+#   make mutate PATHS=... TESTS="tests/test_api.py tests/test_bad_input.py"  against those only
+#                                                 (a change of TESTS resets every result)
+#   make mutate MUTATE_MINUTES=15 MUTATE_JOBS=1   the time box (whole run), mutants at once
+#   make mutate-report                            the report again from mutants/
+# The whole library is ~5,900 mutants, some 4-7 hours on 2 cores: run it in boxes, it resumes.
+MUTATE_MINUTES ?= 60
+MUTATE_JOBS    ?= 2
+PATHS          ?=
+TESTS          ?=
+
+$(VENV)/.dev-installed: $(VENV)/.installed pyproject.toml
+	$(PY) -m pip install --quiet -e ".[dev]"
+	touch $@
+
+mutate: $(VENV)/.dev-installed
+	$(PY) bench/mutation.py --minutes $(MUTATE_MINUTES) --jobs $(MUTATE_JOBS) \
+		$(if $(PATHS),--paths $(PATHS)) $(if $(TESTS),--tests $(TESTS))
+
+mutate-report: $(VENV)/.dev-installed
+	$(PY) bench/mutation.py --report-only
+
 clean:
-	rm -rf $(VENV) $(VENV36) build *.egg-info .pytest_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) $(VENV36) build *.egg-info .pytest_cache .ruff_cache .hypothesis mutants
