@@ -242,6 +242,8 @@ def flattener(srcs: Sequence[Tensor], out_dtypes: Sequence | None = None):
 
         return kernels.flattener([_bytes_of(s) for s in srcs], out_dtypes)
     srcs = tuple(srcs)
+    if out_dtypes is None:  # the call as before (tests spy on torch_flatten(srcs))
+        return lambda: torch_flatten(srcs)
     return lambda: torch_flatten(srcs, out_dtypes)
 
 
@@ -418,7 +420,7 @@ def flatten(srcs: Sequence[Tensor], out_dtypes: Sequence | None = None) -> list[
         from . import kernels
 
         return kernels.transpose_flatten([_bytes_of(s) for s in srcs], out_dtypes)
-    return torch_flatten(srcs, out_dtypes)
+    return torch_flatten(srcs) if out_dtypes is None else torch_flatten(srcs, out_dtypes)
 
 
 def gather(
