@@ -6,6 +6,11 @@ datasets: :func:`step_write` (a rollout step), :func:`transpose_flatten` (make_d
 :class:`Flattener`, :class:`Gatherer`): built once for fixed sources or destinations, then
 called per step / flatten / minibatch through a cached launch plan (Triton's compiled
 launcher called directly; see ``_common.LaunchPlan``).
+
+Dtypes: the step write converts each source to its destination's dtype in the same launch,
+and the flatten and the gather serve each source in an output dtype of the caller's choice
+(``out_dtypes``: a bfloat16 storage served as float32), wherever :func:`converts` says the
+kernels match ``dst.copy_(src)`` bit for bit (see ``_convert.py`` for what and how).
 """
 
 if __name__ == "kernels":  # imported through the repository root on sys.path
@@ -15,6 +20,7 @@ if __name__ == "kernels":  # imported through the repository root on sys.path
         "a bare `import kernels` must not load it (that name belongs to Hugging Face's package)"
     )
 
+from ._convert import converts  # noqa: E402
 from .permuted_gather import (  # noqa: E402
     CHUNKS,
     ENV_MAJOR,
@@ -27,6 +33,7 @@ from .step_write import StepWriter, step_write, step_writer  # noqa: E402
 from .transpose_flatten import Flattener, flattener, transpose_flatten  # noqa: E402
 
 __all__ = [
+    "converts",
     "step_write",
     "transpose_flatten",
     "permuted_gather",

@@ -96,9 +96,32 @@ def tile_ptrs(base, o_r, o_c, WB: tl.constexpr):
 
 
 @triton.jit
+def tile_vptrs(p, o_r, o_c, V: tl.constexpr):
+    """:func:`tile_ptrs` for a typed pointer ``p`` and units of ``V`` elements (an element
+    key, see ``_convert.py``): pointers ``[R, C, V]``; the caller states ``p``'s alignment."""
+    o = o_r[:, None] + o_c[None, :]
+    if V > 1:
+        q = p + ((o * V)[:, :, None] + tl.arange(0, V)[None, None, :])
+    else:
+        q = p + o[:, :, None]
+    return q
+
+
+@triton.jit
 def addr(a):
     """An int64 address loaded from a descriptor table, as a byte pointer."""
     return a.to(tl.pointer_type(tl.int8))
+
+
+def vec_elems(sb: int, db: int, counts, src_addr: int = 0, dst_align: int = 16) -> int:
+    """Elements per unit of an element key (one converted in-kernel): the widest power of two
+    ``v`` with ``v`` elements of either side in 16 bytes, dividing every count (elements per
+    row or step, strides in elements), with ``v * sb`` dividing the source address and
+    ``v * db`` the destination's alignment (``src_addr`` 0 where loads are scalar)."""
+    v = 16 // max(sb, db)
+    while v > 1 and (any(c % v for c in counts) or src_addr % (v * sb) or dst_align % (v * db)):
+        v //= 2
+    return v
 
 
 def word_bytes(*values: int) -> int:

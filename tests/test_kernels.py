@@ -15,7 +15,8 @@ pytest.importorskip("triton")
 
 import rollout_buffers.kernels as K
 import torch
-from conftest import DTYPES, random_tensor
+from conftest import DTYPES, bits, random_tensor
+from rollout_buffers.kernels import _convert as C
 
 from rollout_buffers import backend, ops
 
@@ -366,3 +367,258 @@ def test_every_launcher_moves_complex_values(dtype):
     for out, r in zip(permuted_gather(ref, perm, 7, 7), ops.torch_gather(ref, perm, 7, 7),
                       strict=True):  # fmt: skip
         assert torch.equal(out.view(torch.uint8), r.view(torch.uint8))
+
+
+# ---------------------------------------------------------------------------------------------
+# Dtype conversion and strided sources (kernels/_convert.py)
+# ---------------------------------------------------------------------------------------------
+
+FLOATS = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
+PAIRS = [(s, d) for s in DTYPES for d in DTYPES if s != d and K.converts(s, d)]
+
+
+def test_converts_names_exactly_the_pairs_the_kernels_match():
+    for s in DTYPES:
+        for d in DTYPES:
+            want = s == d or not (s.is_floating_point and not d.is_floating_point)
+            want = want or d == torch.bool  # x != 0, NaN included, as torch does
+            assert K.converts(s, d) == want, (s, d)
+    assert K.converts(torch.complex64, torch.complex64)
+    assert not K.converts(torch.complex64, torch.float32)
+    assert not K.converts(torch.float32, torch.complex64)
+    assert not K.converts(torch.uint16, torch.int32)
+    assert K.converts(torch.uint16, torch.uint16)
+
+
+def special_values(dtype, n=256):
+    """Random bit patterns (subnormals, huge values, infinities, NaNs) plus rounding ties and
+    overflow edges for a float ``dtype``; random values of the whole range for an int one."""
+    g = torch.Generator().manual_seed(7)
+    if dtype == torch.bool:
+        return torch.tensor([0, 1, 2, 255], dtype=torch.uint8).view(torch.bool).repeat(n // 4)
+    if not dtype.is_floating_point:
+        info = torch.iinfo(dtype)
+        return torch.randint(info.min, info.max, (n,), dtype=dtype, generator=g)
+    ib = {2: torch.int16, 4: torch.int32, 8: torch.int64}[dtype.itemsize]
+    info = torch.iinfo(ib)
+    x = torch.randint(info.min, info.max, (n,), dtype=ib, generator=g).view(dtype)
+    edge = [0.0, -0.0, 1.0, 65504, 65519.99, 65520, 65536, 1e-40, 6e-8, 2**-25, 2**-24,
+            2**-14, 3e38, 3.4028235e38, float("inf"), -float("inf"), float("nan"),
+            1 + 2**-11 + 2**-40, 1 + 2**-8 + 2**-30, 1 + 2**-8, 1 + 3 * 2**-8]  # fmt: skip
+    return torch.cat([x, torch.tensor(edge, dtype=torch.float64).to(dtype)])
+
+
+def assert_converted(out, ref, src):
+    """Bit for bit, except that a NaN only has to stay a NaN (its payload is the device's)."""
+    if src.dtype.is_floating_point and out.dtype.is_floating_point:
+        nan = torch.isnan(src.to(torch.float32)).reshape(out.shape)
+        assert torch.isnan(out.to(torch.float32)[nan]).all()
+        out, ref = out[~nan], ref[~nan]
+    assert torch.equal(bits(out), bits(ref))
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy casts of NaN and inf
+@pytest.mark.parametrize("src_dtype", DTYPES, ids=str)
+def test_step_write_converts_like_copy_bit_for_bit(src_dtype):
+    # Every destination dtype the kernels convert this source to, in one launch: random bit
+    # patterns, ties and edges, into keys of (N,) and (N, 2) (even: vector units) rows.
+    dsts, srcs = [], []
+    for d in DTYPES:
+        if d != src_dtype and K.converts(src_dtype, d):
+            for shape in ((), (2,)):
+                n = special_values(src_dtype).shape[0] // max(math.prod(shape), 1)
+                srcs.append(
+                    special_values(src_dtype)[: n * max(math.prod(shape), 1)].view(n, *shape)
+                )
+                dsts.append(poisoned((T, n, *shape), d))
+    before = [bits(d).clone() for d in dsts]  # raw bytes: a bool clone would read 0xA5 as 1
+    step_write(dsts, 1, srcs)
+    for a, b, s in zip(dsts, before, srcs, strict=True):
+        assert torch.equal(bits(a)[0], b[0]) and torch.equal(bits(a)[2], b[2])  # untouched
+        assert_converted(a[1], s.to(a.dtype), s)  # what dst[1] = s (copy_) gives
+
+
+def test_step_write_narrows_float32_to_16_bits_with_nan_as_0x7fff():
+    # The integer round to nearest even, on patterns of every exponent; a NaN of any sign and
+    # payload becomes 0x7FFF (the canonical NaN of NVIDIA's cvt: what CUDA torch gives).
+    g = torch.Generator().manual_seed(3)
+    x = torch.randint(-(2**31), 2**31 - 1, (4096,), dtype=torch.int64, generator=g)
+    x = x.to(torch.int32).view(torch.float32)
+    nan_bits = torch.tensor([0x7F800001, 0x7FC00000, -1, -(2**22)], dtype=torch.int32)
+    x = torch.cat([x, nan_bits.view(torch.float32)])
+    for d in (torch.bfloat16, torch.float16):
+        dst = poisoned((1, x.shape[0]), d)
+        step_write([dst], 0, [x])
+        nan = torch.isnan(x)
+        assert torch.equal(bits(dst[0][~nan]), bits(x[~nan].to(d)))
+        assert (bits(dst[0][nan]) == 0x7FFF).all()
+
+
+def conversion_layouts(shape, dtype):
+    """A source ``(N, *shape)`` of ``dtype`` as real training code passes one."""
+    out = source_variants(shape, dtype, N)
+    if len(shape) == 1:
+        d = shape[0]
+        out["column_of_wider"] = rand((N, 3 * d), dtype)[:, ::3]  # element stride 3
+        out["expanded_column"] = rand((N, 1), dtype).expand(N, d)  # element stride 0
+        out["slice_of_concat"] = rand((N, d + 5), dtype)[:, 2 : 2 + d]
+        out["transposed"] = rand((d, N), dtype).t()
+    elif not shape:
+        out["column"] = rand((N, 3), dtype)[:, 1]  # x[:, 1] of an (N, 3) tensor
+        out["squeezed"] = rand((N, 1), dtype).squeeze(-1)
+        out["flattened"] = rand((1, N), dtype).flatten()
+        out["scalar_expanded"] = rand((), dtype).expand(N)
+    return out
+
+
+@pytest.mark.parametrize(
+    "pair",
+    [(torch.float32, torch.float32), (torch.bool, torch.int64), (torch.float64, torch.float32),
+     (torch.float32, torch.bfloat16), (torch.float32, torch.float16), (torch.int32, torch.float32),
+     (torch.bfloat16, torch.float32), (torch.uint8, torch.int64)],
+    ids=str,
+)  # fmt: skip
+def test_step_write_reads_strided_and_converted_sources_in_one_launch(pair, monkeypatch):
+    src_dtype, dst_dtype = pair
+    keys, srcs = [], []
+    for shape in ((), (4,), (3,), (2, 3)):
+        for name, src in conversion_layouts(shape, src_dtype).items():
+            keys.append((shape, name))
+            srcs.append(src)
+    dsts = [rand((T, N, *s), dst_dtype) for s, _ in keys]
+    refs = [d.clone() for d in dsts]
+    launches = []
+    real = K._common.LaunchPlan.generic
+    monkeypatch.setattr(K._common.LaunchPlan, "generic",
+                        lambda self, *a: launches.append(1) or real(self, *a))  # fmt: skip
+    w = K.step_writer(dsts)
+    for index in (T - 1, 0):
+        w(index, srcs)
+        ops.torch_write_step(refs, index, srcs)
+    assert len(launches) == 2  # one launch per call, whatever the layouts and dtypes
+    modes = {x[3] for x in next(iter(w.plans)) if len(x) == 8}  # element keys' layouts
+    assert modes == ({0, 1, 2} if src_dtype != dst_dtype else {2})
+    for key, a, b in zip(keys, dsts, refs, strict=True):
+        assert torch.equal(bits(a), bits(b)), key
+
+
+def test_step_write_replays_a_plan_per_layout_and_casts_unsupported_pairs_first():
+    dsts = [rand((T, N, 4), torch.float32), rand((T, N), torch.int64)]
+    cols = [rand((N, 12), torch.float64)[:, ::3] for _ in range(2)]
+    dones = [rand((N,), torch.bool) for _ in range(2)]
+    w = K.step_writer(dsts)
+    w(0, [cols[0], dones[0]])
+    ((layout, _),) = w.plans.items()
+    assert [x[:4] for x in layout] == [(C.F64, C.F32, 2, 2), (C.B1, C.I64, 1, 0)]
+    w(1, [cols[1], dones[1]])  # another call, the same layout: the same plan, found by looks
+    assert len(w.plans) == 1 and len(w.seen) == 1
+    for i in (0, 1):
+        assert torch.equal(dsts[0][i], cols[i].float()) and torch.equal(dsts[1][i], dones[i].long())
+    # float -> int is not converted in-kernel: the writer casts it with torch (as copy_ does).
+    floats = rand((N,), torch.float64) * 100
+    w(2, [cols[0], floats])
+    assert torch.equal(dsts[1][2], floats.to(torch.int64))
+
+
+@pytest.mark.parametrize("pair", PAIRS[::3], ids=str)
+def test_step_write_converts_strided_multi_dim_rows_made_contiguous(pair):
+    src_dtype, dst_dtype = pair
+    src = rand((N, 3, 2), src_dtype).transpose(1, 2)  # rows of 2 dims, not dense
+    dst = rand((T, N, 2, 3), dst_dtype)
+    ref = dst.clone()
+    step_write([dst], 1, [src])
+    ops.torch_write_step([ref], 1, [src])
+    assert torch.equal(bits(dst), bits(ref))
+
+
+def widening_sources(dtype):
+    """``(T, N, ...)`` storages of ``dtype``: time-major, env-major, strided, misaligned."""
+    srcs = [rand((T, N, 4), dtype), rand((T, N), dtype), rand((N, T, 3), dtype).transpose(0, 1)]
+    srcs.append(rand((T, 2 * N, 8), dtype)[:, ::2])  # env-strided: 128-bit units of 8
+    srcs.append(rand((T * N * 3 + 1,), dtype)[1:].view(T, N, 3))  # misaligned
+    srcs.append(rand((T, N, 3, 2), dtype))
+    return srcs
+
+
+OUT_PAIRS = [(torch.bfloat16, torch.float32), (torch.float16, torch.float32),
+             (torch.bfloat16, torch.float64), (torch.float32, torch.float32),
+             (torch.float32, torch.bfloat16), (torch.bool, torch.float32),
+             (torch.int32, torch.int64), (torch.float32, torch.int32)]  # fmt: skip
+
+
+@pytest.mark.parametrize("pair", OUT_PAIRS, ids=str)
+def test_transpose_flatten_serves_each_key_in_its_out_dtype(pair):
+    src_dtype, out_dtype = pair
+    srcs = widening_sources(src_dtype) + [rand((T, N, 2), torch.int64)]
+    ods = [out_dtype] * (len(srcs) - 1) + [None]  # a byte key in the same launch
+    outs = K.transpose_flatten(srcs, ods)
+    refs = ops.torch_flatten(srcs, ods)
+    for src, out, ref in zip(srcs, outs, refs, strict=True):
+        assert out.dtype == ref.dtype and out.shape == ref.shape and out.is_contiguous()
+        assert torch.equal(bits(out), bits(ref)), (src.shape, src.stride())
+
+
+@pytest.mark.parametrize("pair", OUT_PAIRS, ids=str)
+def test_gather_serves_each_key_in_its_out_dtype_in_every_mode(pair):
+    src_dtype, out_dtype = pair
+    storages = widening_sources(src_dtype)
+    k = len(storages)
+    n = T * N
+    flat = ops.torch_flatten(storages)
+    perm = torch.randperm(n)
+    ods = [out_dtype] * k
+    for start, count in ((0, 7), (14, 7)):
+        # ROWS (plus a shorter key, modulo), ENV_MAJOR straight from the storages.
+        rows = K.gatherer(flat + [flat[0][:5]], [K.ROWS] * (k + 1), [n] * k + [5], n, count,
+                          out_dtypes=ods + [None])  # fmt: skip
+        want = ops.torch_gather(flat + [flat[0][:5]], perm, start, count, out_dtypes=ods + [None])
+        env = K.gatherer(storages, [K.ENV_MAJOR] * k, [n] * k, n, count, out_dtypes=ods)
+        for out, ref in zip(rows(perm, start) + env(perm, start), want + want[:k], strict=True):
+            assert out.dtype == ref.dtype and out.shape == ref.shape
+            assert torch.equal(bits(out), bits(ref))
+    seq, first = 3, [i % 2 == 1 for i in range(k)]
+    srcs = [rand((6, N, 3), src_dtype), rand((6, N), src_dtype)] * 2
+    ids = torch.randperm(N * 2)
+    g = K.gatherer(srcs, [K.CHUNKS] * 4, [0] * 4, N * 2, 5, seq=seq, first_step=first[:4],
+                   out_dtypes=[out_dtype] * 4)  # fmt: skip
+    refs = ops.torch_gather_chunks(srcs, first[:4], ids, 3, 5, seq, [out_dtype] * 4)
+    for out, ref in zip(g(ids, 3), refs, strict=True):
+        assert out.dtype == ref.dtype and out.shape == ref.shape
+        assert torch.equal(bits(out), bits(ref))
+
+
+def test_ops_pass_out_dtypes_through_on_both_backends():
+    storages = [rand((T, N, 4), torch.bfloat16), rand((T, N), torch.float16),
+                rand((T, N, 2), torch.int64)]  # fmt: skip
+    ods = [torch.float32, torch.float32, None]
+    n = T * N
+    perm = torch.randperm(n)
+    got = {}
+    for name in ("triton", "torch"):
+        with backend.use_backend(name):
+            flat = ops.flatten(storages, ods)
+            lazy = ops.gatherer(storages, [ops.ENV_MAJOR] * 3, [n] * 3, n, 7, out_dtypes=ods)
+            got[name] = (
+                flat,
+                ops.flattener(storages, ods)(),
+                ops.gather(ops.flatten(storages), perm, 7, 7, out_dtypes=ods),
+                lazy(perm, 7),
+                ops.gather_chunks(
+                    storages, [False, True, False], torch.randperm(N), 2, 3, 1, out_dtypes=ods
+                ),  # fmt: skip
+            )
+    for a, b in zip(got["triton"], got["torch"], strict=True):
+        for x, y in zip(a, b, strict=True):
+            assert x.dtype == y.dtype and x.shape == y.shape
+    assert [o.dtype for o in got["torch"][0]] == [torch.float32, torch.float32, torch.int64]
+    for i in (0, 1, 2, 3):
+        for x, y in zip(got["triton"][i], got["torch"][i], strict=True):
+            assert torch.equal(bits(x), bits(y))
+
+
+def test_cpu_widening_gather_goes_through_its_temporary_in_chunks(monkeypatch):
+    monkeypatch.setattr(ops, "_WIDEN_CHUNK", 64)  # a few rows per chunk
+    src = rand((50, 5), torch.bfloat16)
+    idx = torch.randperm(50)[:23]
+    out = ops._select(src, idx, torch.float32)
+    assert out.dtype == torch.float32 and torch.equal(out, src[idx].float())

@@ -102,6 +102,40 @@ for name, g, p in (
     a, b = twice(name, lambda: got.append(g(p, 4)))
     assert a[0] == b[0] and a[2:] == b[2:], (name, a, b)
     assert b[1] == tuple(o.data_ptr() for o in got[-1]), name
+
+# Dtype conversions in the same launches: a step write of converted and strided sources (bool
+# into int64, float32 into bfloat16, a float64 column with an element stride, a slice), and
+# bfloat16 / float16 storages served as float32 by the flatten and every gather mode.
+cdsts = [torch.zeros(T, N, dtype=torch.int64), torch.zeros(T, N, 8, dtype=torch.bfloat16),
+         torch.zeros(T, N, 4), torch.zeros(T, N, 3)]
+csrcs = [torch.zeros(N, dtype=torch.bool), torch.randn(N, 8),
+         torch.randn(N, 12, dtype=torch.float64)[:, ::3], torch.randn(N, 9)[:, 1:4]]
+cw = K.step_writer(cdsts)
+a, b = twice("step_write converting", lambda: cw(3, csrcs))
+assert a == b, ("step_write converting", a, b)
+
+compact = [torch.randn(T, N, 8).bfloat16(), torch.randn(T, N).half(), torch.zeros(T, N, 3)]
+ods = [torch.float32, torch.float32, None]
+cf = K.flattener(compact, ods)
+outs = []
+a, b = twice("transpose_flatten widening", lambda: outs.append(cf()))
+assert [o.dtype for o in outs[-1]] == [torch.float32] * 3
+assert a[0] == b[0] and a[2:] == b[2:] and b[1] == tuple(o.data_ptr() for o in outs[-1])
+flat_compact = [c.transpose(0, 1).reshape(T * N, *c.shape[2:]) for c in compact]
+for name, g, p in (
+    ("gather rows widening", K.gatherer(flat_compact, [K.ROWS] * 3, [T * N] * 3, T * N, 10,
+                                        out_dtypes=ods), perm),
+    ("gather env-major widening", K.gatherer(compact, [K.ENV_MAJOR] * 3, [T * N] * 3, T * N, 10,
+                                             out_dtypes=ods), perm),
+    ("gather chunks widening", K.gatherer(compact, [K.CHUNKS] * 3, [0] * 3, N * 3, 4, seq=2,
+                                          first_step=[False, True, False], out_dtypes=ods),
+     torch.randperm(N * 3)),
+):
+    got = []
+    a, b = twice(name, lambda: got.append(g(p, 4)))
+    assert [o.dtype for o in got[-1]] == [torch.float32] * 3, name
+    assert a[0] == b[0] and a[2:] == b[2:], (name, a, b)
+    assert b[1] == tuple(o.data_ptr() for o in got[-1]), name
 print("OK", triton.__version__, len(launches))
 """
 
