@@ -142,7 +142,6 @@ _data_ptr = operator.methodcaller("data_ptr")
 _bisect = bisect.bisect_right
 # True while Dynamo traces (it folds the call to a constant), False when run: one Python call.
 _dynamo_compiling = torch.compiler.is_dynamo_compiling
-_dtype = operator.attrgetter("dtype")
 
 
 class ExperienceBuffer(nn.Module):
@@ -391,9 +390,7 @@ class ExperienceBuffer(nn.Module):
                 w = spec.writer
                 if w is None:
                     w = spec.writer = ops.step_writer((spec.tensor,))
-                if data.dtype is not spec.dtype:
-                    data = ops.as_source(spec.tensor, data)
-                w(index, (data,))
+                w(index, (data,))  # it reads any strides and converts the dtype in the kernel
             else:
                 self._update_data_slow(key, spec, index, data)
         else:
@@ -417,7 +414,7 @@ class ExperienceBuffer(nn.Module):
         w = spec.writer
         if w is None:
             w = spec.writer = ops.step_writer((spec.tensor,))
-        if data.dtype is not spec.dtype or data.shape != spec.row_shape:
+        if data.shape != spec.row_shape or data.device != spec.device:
             data = ops.as_source(spec.tensor, data)
         w(index, (data,))
 
@@ -472,11 +469,9 @@ class ExperienceBuffer(nn.Module):
                     if i and p < ends[i - 1]:
                         break
             else:
-                if writer.exact:  # the Triton writer: sources of the destinations' dtypes
-                    if not all(map(_is, map(_dtype, srcs), plan.dtypes)):
-                        srcs = [ops.as_source(d, x) for d, x in zip(plan.dsts, srcs)]
+                if writer.exact:  # the Triton writer: any strides and dtypes, one launch
                     writer(index, srcs)
-                else:
+                else:  # PyTorch's copy_ per key
                     writer.dense(index, srcs)
                 store = self.store_dict
                 for key, written in plan.marks:

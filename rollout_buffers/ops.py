@@ -182,20 +182,19 @@ def _bytes_of(t: Tensor) -> Tensor:
 
 
 def as_source(dst: Tensor, src: Tensor) -> Tensor:
-    """``src`` made exactly what the kernel expects: ``dst``'s dtype, device and row shape.
+    """``src`` made what the step writer takes: on ``dst``'s device, of its row shape (any
+    dtype: the writer converts in the kernel, or casts with PyTorch the pairs it cannot).
 
     Views where possible (``expand`` costs no copy; the kernel reads stride-0 rows in place).
     A 0-dim CPU tensor becomes a 0-dim device tensor through ``item()`` (host memory: no
-    synchronization) and ``torch.full`` (no host-to-device copy).
+    synchronization) and ``torch.full`` (no host-to-device copy), in ``dst``'s dtype.
     """
     if src.device != dst.device:
         src = torch.full((), src.item(), dtype=dst.dtype, device=dst.device)
-    elif src.dtype != dst.dtype:
-        src = src.to(dst.dtype)
     shape = dst.shape[1:]
     if src.shape != shape:
         src = src.expand(shape)
-    return _bytes_of(src)
+    return src
 
 
 def _kernels_for(t: Tensor) -> bool:
@@ -233,9 +232,9 @@ class _TorchStepWriter:
 
 def step_writer(dsts: Sequence[Tensor]):
     """A writer of one step of fixed destinations ``(T, N, *shape)``, for the current backend:
-    ``writer(index, srcs)``, and ``writer.dense(index, srcs)`` for contiguous sources that are no
-    views. A writer with ``exact`` set (the Triton one) takes sources of exactly the
-    destinations' dtype and row shape (see :func:`as_source`)."""
+    ``writer(index, srcs)``, and ``writer.dense(index, srcs)`` for sources of the rows' shape
+    that share no memory with the destinations. A writer with ``exact`` set (the Triton one)
+    takes sources of exactly the rows' shape, any dtype and strides (see :func:`as_source`)."""
     if _kernels_for(dsts[0]):
         from . import kernels
 

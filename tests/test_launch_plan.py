@@ -206,6 +206,22 @@ for name in sys.argv[1:]:
         b2.update_step(t, step)
     ds = rb.DictDataset(8, b2.make_dict(), shuffle=True)  # lazy: gathers from the storage
     ds[0], ds[1]
+    # The sources real training code hands over: views (columns and slices of one wide
+    # tensor, a .flatten()), an expanded row (stride 0), a cast (bool into the int64 key).
+    wide = torch.zeros(8, 40)
+    views, cols = {}, 0
+    for i, s in enumerate(SHAPES):
+        w = s[0] if s else 1
+        v = wide[:, cols : cols + w]
+        views[f"k{i}"] = v if s else v.flatten() if i % 2 else v[:, 0]
+        cols += w
+    views["k9"] = torch.zeros(8, dtype=torch.bool)  # cast: bool into int64
+    views["k1"] = torch.zeros(1, 5).expand(8, 5)  # expanded
+    for t in range(4):  # warm-up of these layouts
+        b.update_step(t, views)
+        b.update_data("k0", t, views["k0"])
+        b.update_data("k9", t, views["k9"])
+        b.update_data("k1", t, views["k1"])
     generic = []
     real_run = JITFunction.run
     JITFunction.run = lambda self, *a, **k: generic.append(self) or real_run(self, *a, **k)
@@ -213,6 +229,10 @@ for name in sys.argv[1:]:
         "update_step": count(lambda: b.update_step(1, step)),
         "update_data": count(lambda: b.update_data("k0", 2, step["k0"])),
         "dataset[i]": count(lambda: ds[1]),
+        "update_step of views": count(lambda: b.update_step(1, views)),
+        "update_data of a view": count(lambda: b.update_data("k0", 2, views["k0"])),
+        "update_data of a cast": count(lambda: b.update_data("k9", 2, views["k9"])),
+        "update_data of an expanded row": count(lambda: b.update_data("k1", 2, views["k1"])),
     }
     JITFunction.run = real_run
     out[name]["generic launches"] = len(generic)
@@ -221,15 +241,33 @@ print(json.dumps(out))
 
 # Python-level calls per call after warm-up (the lean implementation's count + a small margin).
 BUDGETS = {
-    # update_step: update_step, writer.dense, its list comprehension, plan.direct, the hook
-    # check; update_data: update_data, the key's writer, plan.direct, the hook check;
+    # update_step: update_step, the Dynamo check, the writer, plan.direct, the hook check;
+    # update_data: update_data, the key's writer, plan.direct, the hook check;
     # dataset[i]: __getitem__, the version check of the lazy values, the gatherer, its two list
     # comprehensions, plan.direct, the hook check. One call of margin each.
-    "triton": {"update_step": 6, "update_data": 5, "dataset[i]": 8},
-    # PyTorch path: update_step and writer.dense; update_data alone (a copy_ into a step
-    # view); __getitem__, the version check, the gather and its two list comprehensions (the
-    # minibatch's index slices, the outputs).
-    "torch": {"update_step": 3, "update_data": 2, "dataset[i]": 6},
+    # Views, expanded and cast sources (issue 17): the writer's layout lookup adds its two
+    # list comprehensions (addresses; dtype, strides, alignment, sign flag per source).
+    "triton": {
+        "update_step": 6,
+        "update_data": 5,
+        "dataset[i]": 8,
+        "update_step of views": 9,
+        "update_data of a view": 8,
+        "update_data of a cast": 8,
+        "update_data of an expanded row": 8,
+    },
+    # PyTorch path: update_step, the Dynamo check and writer.dense; update_data alone (a copy_
+    # into a step view, which reads strides, casts and broadcasts itself); __getitem__, the
+    # version check, the gather and its list comprehension (the minibatch's index slices).
+    "torch": {
+        "update_step": 4,
+        "update_data": 2,
+        "dataset[i]": 6,
+        "update_step of views": 4,
+        "update_data of a view": 2,
+        "update_data of a cast": 2,
+        "update_data of an expanded row": 2,
+    },
 }
 
 
