@@ -191,32 +191,33 @@ class StepWriter:
         self.seen: dict[tuple, tuple] = {}  # what sources look like -> (plan, row strides)
         self._aligned: tuple | None = None  # the plan of contiguous, 16-byte aligned sources
 
-    def __call__(self, index: int, srcs: Sequence[Tensor]) -> None:
+    def __call__(self, index: int, srcs: Sequence[Tensor], ptrs: list | None = None) -> None:
         """Write step ``index`` (``0 <= index < T``, not checked; not a compile-time constant,
         so a new step never recompiles). ``srcs[k]`` is on ``dsts[k]``'s device, of shape
         exactly ``(N, *shape)``, any dtype (converted as ``copy_`` converts), any strides: rows
         of one dim or scalars are read in place whatever their strides (a column ``x[:, 0]``, a
         slice ``x[:, a:b]``, an ``expand``-ed tensor of stride 0); rows of more dims in place
-        when dense, else made contiguous first."""
+        when dense, else made contiguous first. ``ptrs``: the sources' ``data_ptr()``, when the
+        caller has read them already."""
         hit = self._aligned
         if hit is not None and not self.complex:
             # The common case: contiguous sources of the destinations' dtypes on 16-byte
             # boundaries (as the caching allocator hands them out) replay one plan.
-            ptrs, acc = [], 0
+            got, acc = [], 0
             for s, dt in zip(srcs, self.dtypes):
                 if not s.is_contiguous() or s.is_neg() or s.dtype is not dt:
                     break
                 p = s.data_ptr()
                 acc |= p
-                ptrs.append(p)
+                got.append(p)
             else:
                 if not acc & 15:
                     plan, s_us = hit
-                    if not plan.direct(self.tptr, tuple(ptrs), s_us, index):
+                    if not plan.direct(self.tptr, tuple(got), s_us, index):
                         plan.generic(self.table, tuple(srcs), s_us, index)
                     return
         if self.grid:
-            self._general(index, srcs)
+            self._general(index, srcs, ptrs)
 
     def dense(self, index: int, srcs: Sequence[Tensor]) -> None:
         """:meth:`__call__` for sources the caller checked: each contiguous, of its
@@ -234,11 +235,12 @@ class StepWriter:
                 return
         self(index, srcs)
 
-    def _general(self, index: int, srcs: Sequence[Tensor]) -> None:
+    def _general(self, index: int, srcs: Sequence[Tensor], ptrs: list | None = None) -> None:
         if not self.complex:
             # A layout seen before: what decides the plan is each source's dtype, strides,
             # address modulo 16 and sign flag (its shape is the row's, by contract).
-            ptrs = [s.data_ptr() for s in srcs]
+            if ptrs is None:
+                ptrs = [s.data_ptr() for s in srcs]
             seen = tuple([(s.dtype, s.stride(), p & 15, s.is_neg()) for s, p in zip(srcs, ptrs)])
             hit = self.seen.get(seen)
             if hit is not None:

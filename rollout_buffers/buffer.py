@@ -451,6 +451,7 @@ class ExperienceBuffer(nn.Module):
             srcs = list(tensors.values())
             dev, footprint = plan.device, plan.footprint
             lo, hi, starts, ends = footprint.lo, footprint.hi, footprint.starts, footprint.ends
+            ptrs = []  # the sources' addresses, read once (the writer takes them too)
             for data, shape, dtype in zip(srcs, plan.shapes, plan.dtypes):
                 if not (
                     type(data) is Tensor
@@ -468,9 +469,10 @@ class ExperienceBuffer(nn.Module):
                     i = _bisect(starts, p)
                     if i and p < ends[i - 1]:
                         break
-            else:
+                ptrs.append(p)
+            if len(ptrs) == len(srcs):
                 if writer.exact:  # the Triton writer: any strides and dtypes, one launch
-                    writer(index, srcs)
+                    writer(index, srcs, ptrs)
                 else:  # PyTorch's copy_ per key
                     writer.dense(index, srcs)
                 store = self.store_dict
