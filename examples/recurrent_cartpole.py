@@ -119,10 +119,15 @@ class RecurrentPolicy(nn.Module):
 # ---------------------------------------------------------------------------------------------
 
 
-def make_buffer(num_envs: int, num_steps: int, hidden: int) -> rb.ExperienceBuffer:
+def make_buffer(
+    num_envs: int, num_steps: int, hidden: int, compact: bool = False
+) -> rb.ExperienceBuffer:
+    """The rollout's keys; ``compact`` keeps the observations and the GRU states in bfloat16
+    (served as float32)."""
     buffer = rb.ExperienceBuffer(num_envs, num_steps, device="cpu")
-    buffer.register_key("obs", (2,))
-    buffer.register_key("h", (hidden,))  # the GRU state each step starts from
+    storage = torch.bfloat16 if compact else None
+    buffer.register_key("obs", (2,), storage=storage)
+    buffer.register_key("h", (hidden,), storage=storage)  # the state each step starts from
     buffer.register_key("actions", dtype=torch.long)
     buffer.register_key("logp")
     buffer.register_key("value")
@@ -174,6 +179,7 @@ def train(
     seed: int = 0,
     compare_rsl_rl: bool = False,
     log=print,
+    compact: bool = False,
 ) -> dict:
     """Train; returns per iteration the mean episode return and the seconds spent in
     rollout_buffers (and in rsl_rl's storage on the same data when ``compare_rsl_rl``).
@@ -181,23 +187,25 @@ def train(
     Rewards are stored times ``reward_scale``: with returns of up to ~100 the value loss would
     swamp the actor's gradient in the shared GRU (its norm is clipped), and learning crawls.
 
+    ``compact``: observations and GRU states kept in bfloat16 storage (served as float32).
+
     Torch's and NumPy's global RNGs are left as they were: the run draws from its own
     generators (same seed, same run)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)  # the network's initialization
         return _train(
             iterations, num_envs, num_steps, seq_len, num_minibatches, epochs, hidden, lr,
-            gamma, lam, reward_scale, seed, compare_rsl_rl, log,
+            gamma, lam, reward_scale, seed, compare_rsl_rl, log, compact,
         )  # fmt: skip
 
 
 def _train(iterations, num_envs, num_steps, seq_len, num_minibatches, epochs, hidden, lr,
-           gamma, lam, reward_scale, seed, compare_rsl_rl, log):  # fmt: skip
+           gamma, lam, reward_scale, seed, compare_rsl_rl, log, compact=False):  # fmt: skip
     g = torch.Generator().manual_seed(seed)
     env = CartPole(num_envs, g)
     policy = RecurrentPolicy(hidden=hidden)
     opt = torch.optim.Adam(policy.parameters(), lr=lr)
-    buffer = make_buffer(num_envs, num_steps, hidden)
+    buffer = make_buffer(num_envs, num_steps, hidden, compact)
     chunks = num_envs * num_steps // seq_len
     peer = (
         _RslRlTiming(num_envs, num_steps, hidden, num_minibatches, epochs)
@@ -323,6 +331,10 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=8)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-rsl-rl", action="store_true", help="skip the rsl_rl timing")
+    ap.add_argument(
+        "--compact", action="store_true",
+        help="keep observations and GRU states in bfloat16 storage (served as float32)",
+    )  # fmt: skip
     args = ap.parse_args()
     torch.set_num_threads(1)
     compare = not args.no_rsl_rl
@@ -334,7 +346,7 @@ def main() -> None:
             compare = False
     t = time.perf_counter()
     out = train(args.iterations, args.envs, args.steps, args.seq_len, seed=args.seed,
-                compare_rsl_rl=compare)  # fmt: skip
+                compare_rsl_rl=compare, compact=args.compact)  # fmt: skip
     wall = time.perf_counter() - t
     r = out["returns"]
     print(f"\nmean return: first iteration {r[0]:.1f}, best {max(r):.1f}, "

@@ -193,6 +193,8 @@ class ExperienceBuffer(nn.Module):
         self.store_dict: dict[str, int | float] = {}
         self._device = device
         self._specs: dict[str, _Spec] = {}
+        # Compact keys: key -> the dtype served (the storage, buffer.<key>, is narrower).
+        self._served: dict[str, torch.dtype] = {}
         # update_step's prepared writes, by the tuple of keys a call writes (see _StepPlan).
         self._step_plans: dict[tuple, _StepPlan] = {}
         # The FlatDicts make_dict/get_dict handed out that still hold unread values: copied
@@ -286,9 +288,24 @@ class ExperienceBuffer(nn.Module):
     # -- registration ----------------------------------------------------------------------------
 
     def register_key(
-        self, key: str, shape: Sequence[int] | int = (), dtype: torch.dtype = torch.float
+        self,
+        key: str,
+        shape: Sequence[int] | int = (),
+        dtype: torch.dtype = torch.float,
+        *,
+        storage: torch.dtype | None = None,
     ) -> None:
         """Allocate a zeroed buffer ``(num_steps, num_envs, *shape)`` of ``dtype`` for ``key``.
+
+        ``storage`` (compact storage, opt-in): keep a floating-point key in a narrower dtype,
+        ``torch.bfloat16`` or ``torch.float16``, and serve it in ``dtype``. ``buffer.<key>`` is
+        then the storage itself, of that narrower dtype. A write stores what PyTorch's cast to
+        the storage dtype gives (``x.to(storage)``: round to nearest even, float16 overflow to
+        ``inf`` as torch gives it); everything that serves values (``make_dict()`` /
+        ``get_dict()`` values, ``DictDataset``, ``SequenceDataset`` and ``TrajectoryDataset``
+        minibatches) serves ``x.to(storage).to(dtype)``, widened inside the same launch on
+        CUDA. ``compute_gae`` reads it in float32. ``swap_and_flatten01(buffer.<key>)`` keeps
+        the storage dtype (it is given a tensor, not a key).
 
         Raises:
             RolloutKeyError: ``key`` is not a string (RolloutKeyTypeError, also a TypeError), is
@@ -296,6 +313,7 @@ class ExperienceBuffer(nn.Module):
             RolloutValueError: ``shape`` has a negative size (RolloutShapeError, also a
                 RuntimeError) or a non-integer one (RolloutArgumentTypeError, also a TypeError).
             RolloutTypeError: ``dtype`` is not a ``torch.dtype``.
+            RolloutValueError: ``storage`` is not a floating dtype narrower than ``dtype``.
         """
         if not isinstance(key, str):
             raise RolloutKeyTypeError(f"{key!r}: keys are strings, received {type(key).__name__}")
@@ -319,10 +337,16 @@ class ExperienceBuffer(nn.Module):
             shape = _normalize_shape(key, shape)
         if not isinstance(dtype, torch.dtype):
             dtype = _normalize_dtype(key, dtype)
+        if storage is not None:
+            storage = _compact_storage(key, dtype, storage)
         tensor = torch.zeros(
-            (self.num_steps, self.num_envs, *shape), dtype=dtype, device=self._device
+            (self.num_steps, self.num_envs, *shape),
+            dtype=dtype if storage is None else storage,
+            device=self._device,
         )
         self.register_buffer(key, tensor, persistent=False)
+        if storage is not None:
+            self._served[key] = dtype
         self._specs[key] = _Spec(tensor, bytearray(self.num_steps))
         self.store_dict[key] = 0
 
@@ -607,16 +631,26 @@ class ExperienceBuffer(nn.Module):
 
         names = (rewards, values, next_values, dones, advantages, returns)
         r, v, nv, d, adv, ret = (self._spec(k).tensor for k in names)
+        served = [self._served.get(k) for k in names]
+        vdt = served[1] or v.dtype
         if self._lender.refs:
             self._lender.settle()
-        for key, out in ((advantages, adv), (returns, ret)):
-            if out.shape[2:].numel() != v.shape[2:].numel() or out.dtype != v.dtype:
+        for key, out, sdt in ((advantages, adv, served[4]), (returns, ret, served[5])):
+            if out.shape[2:].numel() != v.shape[2:].numel() or (sdt or out.dtype) != vdt:
                 raise RolloutValueError(
                     f"{key}: compute_gae writes values' per-step shape {tuple(v.shape[2:])} and "
-                    f"dtype {v.dtype} ('{values}'); '{key}' has shape {tuple(out.shape[2:])}, "
-                    f"dtype {out.dtype}"
+                    f"dtype {vdt} ('{values}'); '{key}' has shape {tuple(out.shape[2:])}, "
+                    f"dtype {sdt or out.dtype}"
                 )
-        compute_gae(r, v, nv, d, gamma, lam, out=(adv.view(v.shape), ret.view(v.shape)))
+        if not any(served):
+            compute_gae(r, v, nv, d, gamma, lam, out=(adv.view(v.shape), ret.view(v.shape)))
+        else:
+            # Compact keys are read in the dtype they are served in (float32) and the results
+            # stored as their storage keeps them.
+            r, v, nv, d = (t if s is None else t.to(s) for t, s in zip((r, v, nv, d), served))
+            a, g = compute_gae(r, v, nv, d, gamma, lam)
+            adv.view(v.shape).copy_(a)
+            ret.view(v.shape).copy_(g)
         for key in (advantages, returns):
             self._specs[key].written[:] = b"\x01" * self.num_steps
             self.store_dict[key] = self.total_sum()
@@ -739,33 +773,62 @@ class ExperienceBuffer(nn.Module):
             plan is None
             or len(plan[0]) != len(self._specs)
             or not all(map(_is, map(self._buffers.get, plan[0]), plan[1]))
+            or plan[2] != list(map(_data_ptr, plan[1]))  # a storage given new data
         ):
             keys = tuple(self._specs)
             if not keys:
                 return {}
             storages = tuple(self._spec(k).tensor for k in keys)
-            plan = self._dict_plan = (keys, storages, {})
-        keys, storages, flatteners = plan
+            plan = self._dict_plan = (keys, storages, list(map(_data_ptr, storages)), {})
+        keys, storages, _, flatteners = plan
+        served = self._served
         flatten_all = flatteners.get(backend._backend)
         if flatten_all is None:  # a backend that cannot run here says so now
-            flatten_all = flatteners[backend._backend] = ops.flattener(storages)
+            out_dtypes = [served.get(k) for k in keys] if served else None
+            flatten_all = flatteners[backend._backend] = ops.flattener(storages, out_dtypes)
         if not _flat.lazy_make_dict():
             return dict(zip(keys, flatten_all()))
-        d = _flat.FlatDict(keys, storages, flatten_all, self._flatten, self._lender.release)
+        d = _flat.FlatDict(
+            keys, storages, flatten_all, self._flatten, self._lender.release, dict(served)
+        )
         self._lender.lend(d)
         return d
 
-    def _flatten(self, storages: list[Tensor]) -> list[Tensor]:
-        """swap_and_flatten01 of some of this buffer's storages, in one launch."""
-        return ops.flattener(storages)()
+    def _flatten(self, storages: list[Tensor], out_dtypes: list | None = None) -> list[Tensor]:
+        """swap_and_flatten01 of some of this buffer's storages, in one launch (``out_dtypes``:
+        the dtype each is served in, ``None`` for its own)."""
+        if out_dtypes is not None and all(d is None for d in out_dtypes):
+            out_dtypes = None
+        return ops.flattener(storages, out_dtypes)()
+
+    @property
+    def key_nbytes(self) -> dict[str, int]:
+        """Bytes each key's storage holds (a compact key: in its storage dtype)."""
+        return {
+            k: 0 if t is None else t.numel() * t.element_size()
+            for k, t in ((k, self._buffers.get(k)) for k in self._specs)
+        }
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes all the keys' storages hold: the rollout's memory."""
+        return sum(self.key_nbytes.values())
 
     def extra_repr(self) -> str:
         # The module's buffers, not the cached specs: those rebuild lazily after .to()/.half().
-        keys = ", ".join(
-            f"{k}: None" if t is None else f"{k}: {tuple(t.shape[2:])} {t.dtype}"
-            for k, t in ((k, self._buffers.get(k)) for k in self._specs)
+        def one(k: str, t: Tensor | None) -> str:
+            if t is None:
+                return f"{k}: None"
+            served = self._served.get(k)
+            kept = f" stored as {t.dtype}" if served is not None else ""
+            size = _size(t.numel() * t.element_size())
+            return f"{k}: {tuple(t.shape[2:])} {served or t.dtype}{kept}, {size}"
+
+        keys = ", ".join(one(k, self._buffers.get(k)) for k in self._specs)
+        return (
+            f"num_envs={self.num_envs}, num_steps={self.num_steps}, device={self._device}, "
+            f"keys=[{keys}], nbytes={_size(self.nbytes)}"
         )
-        return f"num_envs={self.num_envs}, num_steps={self.num_steps}, device={self._device}, keys=[{keys}]"
 
 
 #: Python scalars whose default tensor dtype (float32, complex64) would round them before the
@@ -818,6 +881,33 @@ def _(
     dsts: list[Tensor], index: int, srcs: list[Tensor], token: int, keys: str, settled: Tensor
 ) -> None:
     return None
+
+
+def _size(n: int) -> str:
+    """A byte count for people: ``1.5 MiB``."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"  # pragma: no cover
+
+
+#: Storage dtypes a compact key may take, and the served dtypes they may stand for.
+_COMPACT = (torch.bfloat16, torch.float16)
+
+
+def _compact_storage(key: str, dtype: torch.dtype, storage: Any) -> torch.dtype:
+    if not isinstance(storage, torch.dtype):
+        raise RolloutTypeError(
+            f"{key}: storage must be a torch.dtype ({', '.join(map(str, _COMPACT))}) or None, "
+            f"received {storage!r}"
+        )
+    if storage not in _COMPACT or not dtype.is_floating_point or dtype.itemsize <= 2:
+        raise RolloutValueError(
+            f"{key}: compact storage keeps a float32 or float64 key in "
+            f"{' or '.join(map(str, _COMPACT))}; received dtype={dtype}, storage={storage}"
+        )
+    return storage
 
 
 def _normalize_shape(key: str, shape: Any) -> tuple[int, ...]:

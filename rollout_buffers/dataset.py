@@ -278,14 +278,17 @@ class DictDataset(Dataset):
         """Validate the current ``tensor_dict`` against the recorded lengths and prepare its
         gather: plain tensors by rows, a FlatDict's pending values straight from the buffer's
         ``(T, N, ...)`` storages (no flattened copy), all in one launch on CUDA."""
-        keys, srcs, modes, lengths = [], [], [], []
+        keys, srcs, modes, lengths, served = [], [], [], [], []
         for key, value, rows, pending in _sources(td):
             length = self._recorded_length(key, value, rows)
             keys.append(key)
             srcs.append(value)
-            modes.append(ops.ENV_MAJOR if pending else ops.ROWS)
+            modes.append(ops.ENV_MAJOR if pending is not False else ops.ROWS)
             lengths.append(length)
-        plan = self._plan = _Plan(tuple(keys), srcs, modes, lengths, td)
+            # A compact key's storage is served in its key's dtype, widened in the gather.
+            served.append(None if pending is False or pending == value.dtype else pending)
+        out_dtypes = served if any(d is not None for d in served) else None
+        plan = self._plan = _Plan(tuple(keys), srcs, modes, lengths, td, out_dtypes)
         return plan
 
     def _recorded_length(self, key: Any, value: Any, rows: int) -> int:
@@ -329,11 +332,14 @@ class _Plan:
     validated, and their gather for each backend and permutation kind it ran under (built at
     the first batch that needs it)."""
 
-    __slots__ = ("keys", "values", "modes", "lengths", "source", "state", "plain", "stamps",
-                 "gathers")  # fmt: skip
+    __slots__ = ("keys", "values", "modes", "lengths", "out_dtypes", "source", "state", "plain",
+                 "stamps", "gathers")  # fmt: skip
 
-    def __init__(self, keys: tuple, values: list, modes: list, lengths: list, source: Any):
+    def __init__(
+        self, keys: tuple, values: list, modes: list, lengths: list, source: Any, out_dtypes=None
+    ):
         self.keys, self.values, self.modes, self.lengths = keys, values, modes, lengths
+        self.out_dtypes = out_dtypes  # per source: the dtype it is served in (None: its own)
         self.source = source
         self.state = source._state if type(source) is FlatDict else None
         # The sources a FlatDict does not watch itself (all but its pending storages), and what
@@ -344,8 +350,9 @@ class _Plan:
 
     def ready(self, ds: DictDataset):
         g = ops.gatherer(
-            self.values, self.modes, self.lengths, ds.num_tensors, ds.batch_size, ds._wrap
-        )
+            self.values, self.modes, self.lengths, ds.num_tensors, ds.batch_size, ds._wrap,
+            self.out_dtypes,
+        )  # fmt: skip
         self.gathers[(backend._backend, ds._wrap)] = g
         return g
 
@@ -358,9 +365,10 @@ def _stamps(values: list) -> list:
         return [_guards.contents(v) for v in values]
 
 
-def _sources(td: Any) -> list[tuple[Any, Any, int, bool]]:
+def _sources(td: Any) -> list[tuple[Any, Any, int, Any]]:
     """``(key, tensor, rows, pending)`` of a tensor_dict, without materializing a FlatDict: its
-    pending values are their ``(T, N, ...)`` storages, of ``T * N`` rows."""
+    pending values are their ``(T, N, ...)`` storages, of ``T * N`` rows (``pending``: the
+    dtype the value is served in; ``False`` for a plain tensor)."""
     if type(td) is FlatDict:
         return td._sources()
     out = []

@@ -129,8 +129,9 @@ class FlatDict(dict):
         keys: Sequence[str],
         storages: Sequence[Tensor],
         flatten_all: Callable[[], list[Tensor]],
-        flatten: Callable[[list[Tensor]], list[Tensor]],
+        flatten: Callable[[list[Tensor], list], list[Tensor]],
         release: Callable[[FlatDict], None] | None = None,
+        served: dict | None = None,
     ) -> None:
         # Values are made in the inference mode make_dict() ran in, whenever they are made (a
         # copy-on-write inside torch.inference_mode() must not give inference tensors that
@@ -154,8 +155,10 @@ class FlatDict(dict):
         self._flatten_all = flatten_all  # prepared for exactly the storages above, all pending
         self._nall = len(self._pkeys)
         self._rows = storages[0].shape[0] * storages[0].shape[1] if storages else 0
-        self._flatten = flatten
+        self._flatten = flatten  # flatten(storages, out_dtypes): some of them, in one launch
         self._release = release
+        # key -> the dtype a compact key's value is served in (its storage is narrower).
+        self._served = served or {}
         # Bumped whenever what a value is made of changes (materialized, set, deleted): a
         # DictDataset compares it to know whether its prepared gather still applies.
         self._state = 0
@@ -166,17 +169,19 @@ class FlatDict(dict):
 
     # -- what DictDataset reads without materializing ----------------------------------------
 
-    def _sources(self) -> list[tuple[Any, Any, int, bool]]:
+    def _sources(self) -> list[tuple[Any, Any, int, Any]]:
         """``(key, tensor, rows, pending)`` in order: the ``(T, N, ...)`` storage of a pending
-        value (``T * N`` rows), else the value itself (its length along dim 0; 0 for no tensor
-        or a 0-dim one). Raises :class:`StaleRolloutError` for a stale pending value."""
+        value (``T * N`` rows; ``pending`` is then the dtype the value is served in), else the
+        value itself (its length along dim 0, 0 for no tensor or a 0-dim one; ``pending`` is
+        ``False``). Raises :class:`StaleRolloutError` for a stale pending value."""
         self._check_fresh()
         pend = dict(zip(self._pkeys, self._pstorages))
+        served = self._served
         out = []
         for k, v in dict.items(self):
             s = pend.get(k)
             if s is not None:
-                out.append((k, s, self._rows, True))
+                out.append((k, s, self._rows, served.get(k, s.dtype)))
             else:
                 out.append((k, v, v.shape[0] if isinstance(v, Tensor) and v.dim() else 0, False))
         return out
@@ -235,7 +240,7 @@ class FlatDict(dict):
             if len(pk) == self._nall:
                 outs = self._flatten_in_mode(self._flatten_all)
             else:
-                outs = self._flatten_in_mode(self._flatten, storages)
+                outs = self._flatten_in_mode(self._flatten, storages, self._out_dtypes(pk))
             dict.update(self, zip(pk, outs))
             self._pkeys, self._pstorages, self._pversions = [], [], []
         else:
@@ -244,7 +249,9 @@ class FlatDict(dict):
             make = [i for i, k in enumerate(pk) if k in wanted and k not in stale]
             if not make:
                 return
-            outs = self._flatten_in_mode(self._flatten, [storages[i] for i in make])
+            outs = self._flatten_in_mode(
+                self._flatten, [storages[i] for i in make], self._out_dtypes([pk[i] for i in make])
+            )
             dict.update(self, zip([pk[i] for i in make], outs))
             keep = [i for i in range(len(pk)) if i not in set(make)]
             self._pkeys = [pk[i] for i in keep]
@@ -262,6 +269,11 @@ class FlatDict(dict):
             self.__dict__.clear()
             self._lock = lock
             self.__class__ = _Made
+
+    def _out_dtypes(self, keys: Sequence[Any]) -> list:
+        """The dtype each of ``keys``' values is served in (``None``: its storage's own)."""
+        served = self._served
+        return [served.get(k) for k in keys]
 
     def _flatten_in_mode(self, fn: Callable[..., list[Tensor]], *args: Any) -> list[Tensor]:
         """``fn(*args)`` (a flatten) in the inference mode make_dict() ran in."""

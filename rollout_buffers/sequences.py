@@ -75,6 +75,12 @@ def _storages(source: Any, where: str) -> dict[str, Tensor]:
     return dict(source.items())
 
 
+def _served(source: Any) -> dict[str, torch.dtype]:
+    """key -> the dtype a compact key of an ExperienceBuffer is served in (its storage, what
+    the dataset reads, is narrower); empty for a mapping of tensors (served as they are)."""
+    return dict(source._served) if isinstance(source, ExperienceBuffer) else {}
+
+
 def _names(value: Any, what: str, where: str) -> list[str]:
     """A key or a sequence of keys, as a list."""
     if isinstance(value, str):
@@ -340,7 +346,13 @@ class SequenceDataset(Dataset):
         self._first = [False] * len(seq_names) + [True] * len(hidden)
         self._seq_names, self._num_seq = seq_names, len(seq_names)
         self._ids = torch.arange(self.num_chunks, device=device)
-        self._gather = ops.ChunkGather(self._srcs, self._first, batch_size, seq_len)
+        served = _served(source)
+        out_dtypes = [served.get(k) for k in keys] + ([] if dones is None else [None])
+        out_dtypes += [served.get(k) for k in hidden]
+        self._gather = ops.ChunkGather(
+            self._srcs, self._first, batch_size, seq_len,
+            out_dtypes if any(d is not None for d in out_dtypes) else None,
+        )  # fmt: skip
         self._pinned: Tensor | None = None  # the host side of a permutation copy in flight
         self.refresh(shuffle=shuffle)
 
@@ -663,6 +675,7 @@ class TrajectoryDataset(Dataset):
         self.keys, self.padded, self.hidden, self.dones = keys, padded, hidden, dones
         self.do_shuffle, self.generator, self.device = shuffle, generator, device
         self._storages = storages
+        self._served = _served(source)  # compact keys: widened when served
         self._pinned: list[Tensor] = []
         self.refresh()
 
@@ -679,13 +692,20 @@ class TrajectoryDataset(Dataset):
         step, env, masks = _pad_index(starts, lengths, t)
         pad = ~masks
         self._masks = masks
-        self._padded = {k: _pad(self._storages[k], step, env, pad) for k in self.padded}
+        self._padded = {
+            k: self._wide(k, _pad(self._storages[k], step, env, pad)) for k in self.padded
+        }
         s0 = starts % t
         e0 = torch.div(starts, t, rounding_mode="floor")
-        self._starts = {k: self._storages[k][s0, e0] for k in self.hidden}
+        self._starts = {k: self._wide(k, self._storages[k][s0, e0]) for k in self.hidden}
         self._perm = None
         if self.do_shuffle:
             self.shuffle()
+
+    def _wide(self, key: str, x: Tensor) -> Tensor:
+        """``x`` in the dtype ``key`` is served in (a compact key's storage is narrower)."""
+        served = self._served.get(key)
+        return x if served is None else x.to(served)
 
     def shuffle(self) -> None:
         """Serve the envs in a new random order (NumPy's global RNG, or ``generator``)."""
@@ -720,7 +740,10 @@ class TrajectoryDataset(Dataset):
             batch = {k: v[:, a:z] for k, v in self._padded.items()}
             batch[MASKS] = self._masks[:, a:z]
             batch.update((k, v[a:z]) for k, v in self._starts.items())
-            batch.update((k, self._storages[k][:, index * b : (index + 1) * b]) for k in self.keys)
+            batch.update(
+                (k, self._wide(k, self._storages[k][:, index * b : (index + 1) * b]))
+                for k in self.keys
+            )
             return batch
         a, z = int(self._bounds[index]), int(self._bounds[index + 1])
         traj = self._traj[a:z]
@@ -728,7 +751,7 @@ class TrajectoryDataset(Dataset):
         batch = {k: v.index_select(1, traj) for k, v in self._padded.items()}
         batch[MASKS] = self._masks.index_select(1, traj)
         batch.update((k, v.index_select(0, traj)) for k, v in self._starts.items())
-        batch.update((k, self._storages[k].index_select(1, envs)) for k in self.keys)
+        batch.update((k, self._wide(k, self._storages[k].index_select(1, envs))) for k in self.keys)
         return batch
 
     def __iter__(self) -> Iterator[dict[str, Tensor]]:
