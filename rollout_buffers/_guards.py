@@ -11,11 +11,12 @@ reference count, ``_base is None``, an object's identity):
   decides overlap (storages, then byte ranges); a tensor that starts inside takes the full
   byte-range analysis (``_overlap.check_sources``). Like torch, a storage made over raw memory
   that straddles two allocations is not detected.
-- :func:`contents`: what a cached copy of a tensor was made from (address, version counter,
-  shape, strides). The copy is valid while these are the same: an in-place write bumps the
-  version, ``.data =`` / ``set_`` move the address or the layout.
-- :func:`layout`: what a prepared read of a tensor in place was made from (address, shape,
-  strides): a descriptor table holding its raw address is valid while these are the same.
+- :func:`contents`: what a cache of a tensor was made from (address, version counter, shape,
+  strides): a copy of it, a descriptor table holding its raw address, rows worked out from it.
+  The cache is valid while these are the same: an in-place write bumps the version,
+  ``.data =`` / ``set_`` move the address or the layout.
+- :func:`storage_range`: the bytes of a tensor's whole storage, which every tensor over that
+  storage starts inside (what :class:`Footprint` is made of).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from collections.abc import Iterable
 
 from torch import Tensor
 
-__all__ = ["Footprint", "contents", "layout", "sign_free", "storage_range"]
+__all__ = ["Footprint", "contents", "storage_range"]
 
 
 def storage_range(t: Tensor) -> tuple[int, int]:
@@ -87,15 +88,3 @@ def contents(t: Tensor) -> tuple:
     except RuntimeError:
         version = object()
     return t.data_ptr(), version, t.shape, t.stride()
-
-
-def layout(t: Tensor) -> tuple:
-    """The address and layout a prepared in-place read of ``t`` (a descriptor table) was made
-    from: equal later iff the table still describes ``t``."""
-    return t.data_ptr(), t.shape, t.stride()
-
-
-def sign_free(t: Tensor) -> bool:
-    """Whether ``t``'s bytes are its values: no lazy negation or conjugation flag (which a
-    byte copy would drop)."""
-    return not (t.is_neg() or t.is_conj())
