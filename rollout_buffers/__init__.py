@@ -6,6 +6,7 @@ A drop-in replacement for the data module of NVIDIA's ProtoMotions
 everywhere else. See the README for the compatibility promise and the backends.
 """
 
+from ._hostmem import host_pool, set_host_pool
 from .backend import get_backend, set_backend, use_backend
 from .buffer import ExperienceBuffer, swap_and_flatten01
 from .dataset import DictDataset
@@ -48,6 +49,8 @@ __all__ = [
     "StaleRolloutError",
     "lazy_make_dict",
     "set_lazy_make_dict",
+    "host_pool",
+    "set_host_pool",
     "swap_and_flatten01",
     "compute_gae",
     "SequenceDataset",

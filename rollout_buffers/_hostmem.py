@@ -11,11 +11,16 @@ never written again while anything can observe it; the reuse is what any allocat
 a ``free``. Nothing here looks at reference counts.
 
 The blocks are NumPy byte arrays: a tensor made with ``torch.from_numpy`` holds a reference to
-its array until its storage is freed, and a weak reference to that array says when.
+its array until its storage is freed, and a weak reference to that array says when. Such a
+storage cannot grow: ``resize_`` to more bytes, or an ``out=`` of a bigger result, raises
+torch's "Trying to resize storage that is not resizable". :func:`set_host_pool` (or
+``ROLLOUT_BUFFERS_HOST_POOL=0``) turns the pool off: every output then comes from
+``torch.empty``, as the original's, and pays the page faults.
 """
 
 from __future__ import annotations
 
+import os
 import threading
 import weakref
 
@@ -23,13 +28,30 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["empty", "MIN_BYTES"]
+__all__ = ["empty", "MIN_BYTES", "host_pool", "set_host_pool"]
 
 #: Outputs smaller than this come from ``torch.empty`` (glibc reuses its heap for them).
 MIN_BYTES = 1 << 17
 # Free blocks kept: per size, and in all (beyond these a returned block is freed for real).
 _PER_SIZE = 4
 _TOTAL = 512 << 20
+
+_enabled = os.environ.get("ROLLOUT_BUFFERS_HOST_POOL", "1").strip().lower() not in (
+    "0", "false", "no", "off", "",
+)  # fmt: skip
+
+
+def host_pool() -> bool:
+    """Whether large CPU minibatch outputs are made over the pool's freed blocks (default)."""
+    return _enabled
+
+
+def set_host_pool(enabled: bool) -> None:
+    """``False``: CPU minibatch outputs come from ``torch.empty`` (resizable, as the original's;
+    the kernel's zero-filling page faults come back). ``True`` (default): the pool."""
+    global _enabled
+    _enabled = bool(enabled)
+
 
 _lock = threading.Lock()
 _free: dict[int, list[np.ndarray]] = {}  # nbytes -> blocks nobody can see
@@ -64,4 +86,5 @@ def empty(shape: tuple, dtype: torch.dtype, nbytes: int) -> Tensor:
     ref = weakref.ref(view, _returned)
     _out[id(ref)] = (ref, nbytes, block)
     storage = torch.from_numpy(view).untyped_storage()
-    return torch.empty(0, dtype=dtype).set_(storage, 0, shape)
+    # device="cpu": a default-device context (torch.set_default_device) must not move it.
+    return torch.empty(0, dtype=dtype, device="cpu").set_(storage, 0, shape)

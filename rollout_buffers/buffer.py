@@ -77,17 +77,19 @@ def swap_and_flatten01(arr: Tensor | None) -> Tensor | None:
 class _Spec:
     """What one key's writes are validated against, cached so a write costs a few compares.
 
-    ``tensor`` is the buffer this spec was built from and ``ptr`` its address then: when the
-    module's buffer is no longer that object (``.to()``, ``.half()``, reassignment) or no longer
-    at that address (``buffer.<key>.data = ...``), the spec is rebuilt from what is there now.
+    ``tensor`` is the buffer this spec was built from, with its address, dtype and shape then:
+    when the module's buffer is no longer that object (``.to()``, ``.half()``, reassignment) or
+    no longer has that address, dtype or shape (``buffer.<key>.data = ...``, ``resize_``), the
+    spec is rebuilt from what is there now.
     """
 
-    __slots__ = ("tensor", "ptr", "row_shape", "dtype", "device", "lo", "hi", "written",
+    __slots__ = ("tensor", "ptr", "shape", "row_shape", "dtype", "device", "lo", "hi", "written",
                  "all_written", "steps", "writer")  # fmt: skip
 
     def __init__(self, tensor: Tensor, written: bytearray) -> None:
         self.tensor = tensor
         self.ptr = tensor.data_ptr()
+        self.shape = tensor.shape
         self.row_shape = tensor.shape[1:]  # (num_envs, *shape): what one step holds
         self.dtype = tensor.dtype
         self.device = tensor.device
@@ -114,13 +116,14 @@ class _StepPlan:
     bookkeeping. Valid while every buffer tensor is the one it was built with, at the same
     address (update_step checks on every call)."""
 
-    __slots__ = ("keys", "dsts", "ptrs", "shapes", "dtypes", "device", "footprint", "writers",
-                 "marks")  # fmt: skip
+    __slots__ = ("keys", "dsts", "ptrs", "looks", "shapes", "dtypes", "device", "footprint",
+                 "writers", "marks")  # fmt: skip
 
     def __init__(self, keys: tuple, specs: Sequence[_Spec]) -> None:
         self.keys = keys
         self.dsts = tuple(s.tensor for s in specs)
         self.ptrs = [s.ptr for s in specs]
+        self.looks = [(s.dtype, s.shape) for s in specs]
         self.shapes = tuple(s.row_shape for s in specs)
         self.dtypes = tuple(s.dtype for s in specs)
         self.device = specs[0].device
@@ -140,6 +143,7 @@ _is = operator.is_
 # (a method call, not Tensor.data_ptr: host-cost stand-in tensors carry their own data_ptr)
 _data_ptr = operator.methodcaller("data_ptr")
 _bisect = bisect.bisect_right
+_looks = operator.attrgetter("dtype", "shape")
 # True while Dynamo traces (it folds the call to a constant), False when run: one Python call.
 _dynamo_compiling = torch.compiler.is_dynamo_compiling
 
@@ -253,12 +257,22 @@ class ExperienceBuffer(nn.Module):
         spec = self._specs.get(key) if isinstance(key, str) else None
         if spec is None:
             self._raise_unknown_key(key)
+        if key not in self._buffers:
+            raise RolloutUnknownKeyError(
+                f"{key}: the buffer of '{key}' was deleted from the module (del buffer.{key}); "
+                f"register the key again in a new ExperienceBuffer"
+            )
         tensor = self._buffers[key]
         if tensor is not spec.tensor or (
             # (Dynamo cannot trace an address; the compiled write runs this again, for real)
-            not _dynamo_compiling() and tensor.data_ptr() != spec.ptr
+            not _dynamo_compiling()
+            and (
+                tensor.data_ptr() != spec.ptr
+                or tensor.dtype is not spec.dtype
+                or tensor.shape != spec.shape
+            )
         ):
-            # moved, cast, reassigned or given new data since the spec was built
+            # moved, cast, reassigned or given new data (.data =, resize_) since it was built
             if (
                 tensor is None
                 or tensor.shape[:2] != (self.num_steps, self.num_envs)
@@ -373,6 +387,10 @@ class ExperienceBuffer(nn.Module):
                 raised), on another device (RolloutDeviceError), overlapping its destination
                 (RolloutOverlapError), or with ``requires_grad``.
         """
+        if _dynamo_compiling():  # one opaque operator for the compiler (see update_step)
+            if step is not None:
+                index = self._step_index(key, index, step)
+            return self._update_step_slow(index, {key: data}, "update_data")
         # The hot path of a rollout loop. The common case (a known key, an in-range int step, a
         # tensor of the key's row shape or one it broadcasts to, on its device, of its dtype or
         # one PyTorch casts; any strides: views, slices, columns, expanded) costs a few
@@ -382,8 +400,10 @@ class ExperienceBuffer(nn.Module):
         spec = self._specs.get(key) if type(key) is str else None
         if (
             spec is None
-            or self._buffers[key] is not spec.tensor
+            or self._buffers.get(key) is not spec.tensor
             or spec.tensor.data_ptr() != spec.ptr
+            or spec.tensor.dtype is not spec.dtype
+            or spec.tensor.shape != spec.shape
         ):
             spec = self._spec(key)
         if step is not None or type(index) is not int or not 0 <= index < self.num_steps:
@@ -469,6 +489,7 @@ class ExperienceBuffer(nn.Module):
             # the module's buffers are still the plan's destinations, at the same addresses
             and all(map(_is, map(self._buffers.__getitem__, plan.keys), plan.dsts))
             and plan.ptrs == list(map(_data_ptr, plan.dsts))
+            and plan.looks == list(map(_looks, plan.dsts))  # .data = a view of another dtype
         ):
             if type(index) is not int or not 0 <= index < self.num_steps:
                 index = self._step_index("update_step", index, None)
@@ -507,7 +528,7 @@ class ExperienceBuffer(nn.Module):
                 return
         self._update_step_slow(index, tensors)
 
-    def _update_step_slow(self, index: Any, tensors: Any) -> None:
+    def _update_step_slow(self, index: Any, tensors: Any, where: str = "update_step") -> None:
         if not hasattr(tensors, "items"):
             raise RolloutNotAMappingError(
                 f"update_step: tensors must be a mapping of key -> tensor, received {type(tensors).__name__}"
@@ -525,7 +546,7 @@ class ExperienceBuffer(nn.Module):
                 and not data.requires_grad
                 and data.layout is _STRIDED
             ):
-                data = self._check_data(key, spec, data, spec.row_shape, "update_step")
+                data = self._check_data(key, spec, data, spec.row_shape, where)
             keys.append(key)
             specs.append(spec)
             dsts.append(spec.tensor)
@@ -573,6 +594,7 @@ class ExperienceBuffer(nn.Module):
         if (
             plan is None
             or plan.ptrs != [s.ptr for s in specs]
+            or plan.looks != [(s.dtype, s.shape) for s in specs]
             or any(p is not s.tensor for p, s in zip(plan.dsts, specs))
         ):
             if len(self._step_plans) >= 64:
@@ -582,11 +604,19 @@ class ExperienceBuffer(nn.Module):
 
     def batch_update_data(self, key: str, data: Any) -> None:
         """Write the whole ``(num_steps, num_envs, *shape)`` buffer of ``key`` and mark every step written."""
+        if _dynamo_compiling():  # one opaque operator for the compiler (see update_step)
+            spec = self._spec(key)
+            data = self._check_data(key, spec, data, spec.tensor.shape, "batch_update_data")
+            settled = _settle_op([spec.tensor], self._token)
+            _update_step_op([spec.tensor], -1, [data], self._token, key, settled)
+            return
         spec = self._specs.get(key) if type(key) is str else None
         if (
             spec is None
-            or self._buffers[key] is not spec.tensor
+            or self._buffers.get(key) is not spec.tensor
             or spec.tensor.data_ptr() != spec.ptr
+            or spec.tensor.dtype is not spec.dtype
+            or spec.tensor.shape != spec.shape
         ):
             spec = self._spec(key)
         if not (
@@ -683,8 +713,13 @@ class ExperienceBuffer(nn.Module):
                 # float is a double (complex: two): kept in 64 bits, so that the one cast is
                 # the one PyTorch's assignment makes (0.1 into a float64 key stays 0.1, into
                 # a float16 key it is rounded once). ints and bools already are int64 / bool.
+                # (on the CPU, whatever default device a context sets, as assignment takes it)
                 dtype = _PY_SCALAR_DTYPES.get(type(data))
-                data = torch.as_tensor(data) if dtype is None else torch.tensor(data, dtype=dtype)
+                data = (
+                    torch.as_tensor(data, device="cpu")
+                    if dtype is None
+                    else torch.tensor(data, dtype=dtype, device="cpu")
+                )
                 if data.dim() and data.device != spec.device:
                     data = data.to(spec.device)
             except Exception as exc:
@@ -725,10 +760,14 @@ class ExperienceBuffer(nn.Module):
         return data
 
     def _mark_steps(self, keys: Sequence[str], index: int) -> None:
-        """Mark step ``index`` of ``keys`` written (the compiled update_step's bookkeeping)."""
+        """Mark step ``index`` of ``keys`` written, or every step when ``index`` is -1 (the
+        compiled writes' bookkeeping)."""
         for key in keys:
             spec = self._spec(key)
-            if not spec.written[index]:
+            if index < 0:
+                spec.written[:] = spec.all_written
+                self.store_dict[key] = self.total_sum()
+            elif not spec.written[index]:
                 spec.written[index] = 1
                 self.store_dict[key] += index + 1
 
@@ -774,13 +813,15 @@ class ExperienceBuffer(nn.Module):
             or len(plan[0]) != len(self._specs)
             or not all(map(_is, map(self._buffers.get, plan[0]), plan[1]))
             or plan[2] != list(map(_data_ptr, plan[1]))  # a storage given new data
+            or plan[3] != list(map(_looks, plan[1]))  # ... or another dtype or shape
         ):
             keys = tuple(self._specs)
             if not keys:
                 return {}
             storages = tuple(self._spec(k).tensor for k in keys)
-            plan = self._dict_plan = (keys, storages, list(map(_data_ptr, storages)), {})
-        keys, storages, _, flatteners = plan
+            looks = list(map(_looks, storages))
+            plan = self._dict_plan = (keys, storages, list(map(_data_ptr, storages)), looks, {})
+        keys, storages, _, _, flatteners = plan
         served = self._served
         flatten_all = flatteners.get(backend._backend)
         if flatten_all is None:  # a backend that cannot run here says so now
@@ -865,15 +906,21 @@ def _(dsts: list[Tensor], token: int) -> Tensor:
 def _update_step_op(
     dsts: list[Tensor], index: int, srcs: list[Tensor], token: int, keys: str, settled: Tensor
 ) -> None:
-    """The compiled update_step's write (``settled``: the result of :func:`_settle_op`)."""
+    """The compiled write of update_step / update_data (step ``index``) or batch_update_data
+    (``index`` -1: the whole buffers); ``settled``: the result of :func:`_settle_op`."""
     buffer = _LIVE_BUFFERS.get(token)
+    names = keys.split("\0")
     # The eager path's overlap check, here where the tensors are real (see update_step).
-    if check_sources(keys.split("\0"), dsts, index, srcs, "update_step"):
+    if index < 0:
+        check_sources(names, dsts, None, srcs, "batch_update_data")
+        for dst, src in zip(dsts, srcs):
+            dst.copy_(src)
+    elif check_sources(names, dsts, index, srcs, "update_step"):
         ops.torch_write_step(dsts, index, srcs)
     else:
         ops.write_step(dsts, index, srcs)
     if buffer is not None:
-        buffer._mark_steps(keys.split("\0"), index)
+        buffer._mark_steps(names, index)
 
 
 @_update_step_op.register_fake

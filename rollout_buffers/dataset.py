@@ -151,14 +151,11 @@ class DictDataset(Dataset):
         if shuffle:
             self.shuffle()
         else:
-            self.shuffled_to_original: Tensor = (
+            self._use_permutation(
                 torch.from_numpy(np.arange(num_tensors, dtype=np.int64))  # 1 us, torch's: 8
                 if device.type == "cpu"
                 else torch.arange(num_tensors, device=device)
             )
-            # What the permutation held when last checked (address, version, layout): an
-            # assignment, an in-place edit, `.data =` or `copy_` since then changes it.
-            self._perm_seen = _guards.contents(self.shuffled_to_original)
         # Each key's length, fixed now as the original fixed it; and the gather prepared for
         # the tensor_dict the last batch read (its keys and tensors, or a FlatDict's state),
         # so that a batch re-validates and re-prepares only when tensor_dict changed. The
@@ -171,6 +168,7 @@ class DictDataset(Dataset):
         NumPy array there) or changed in place, made what the gather reads: 1-D int64,
         contiguous, on the data's device, ``num_tensors`` long. Checked on the host, once per
         change."""
+        given = perm
         try:
             perm = torch.as_tensor(perm)
         except Exception as exc:
@@ -189,10 +187,25 @@ class DictDataset(Dataset):
         self._wrap = perm.device.type != "cpu" or (
             perm.numel() > 0 and bool((perm.min() < 0) | (perm.max() >= self.num_tensors))
         )
-        perm = perm.to(device=self._device, dtype=torch.int64).contiguous()
-        self.shuffled_to_original = perm
-        self._perm_seen = _guards.contents(perm)
-        return perm
+        if isinstance(given, Tensor):
+            dev = perm.to(device=self._device, dtype=torch.int64).contiguous()
+            self._perm_seen, self._perm_held = _guards.contents(given), given
+        else:  # an array, as the original kept: read (copied) at every batch, as the original
+            # read it: an edit through NumPy moves no version counter
+            dev = perm.to(device=self._device, dtype=torch.int64, copy=True)
+            self._perm_seen = self._perm_held = None
+        self._perm = dev
+        return dev
+
+    def _use_permutation(self, perm: Tensor) -> None:
+        """Make ``perm`` (1-D int64 on the data's device, entries in ``[0, num_tensors)``) the
+        permutation, as ``shuffled_to_original`` and as what the gather reads."""
+        self.shuffled_to_original = self._perm = perm
+        # What it holds now (address, version, layout): an assignment, an in-place edit,
+        # `.data =` or `copy_` since then changes it. It is kept, so that its address cannot
+        # come back with another permutation while this stamp stands for it.
+        self._perm_seen, self._perm_held = _guards.contents(perm), perm
+        self._wrap = False  # a drawn permutation holds 0..num_tensors-1 only
 
     def shuffle(self) -> None:
         """Draw a new permutation: ``np.random.permutation(num_tensors)``, as the original did,
@@ -201,9 +214,7 @@ class DictDataset(Dataset):
             perm = torch.randperm(self.num_tensors, device=self._device, generator=self.generator)
         else:
             perm = self._host_to_device(np.random.permutation(self.num_tensors))
-        self.shuffled_to_original = perm
-        self._perm_seen = _guards.contents(perm)
-        self._wrap = False  # a drawn permutation holds 0..num_tensors-1 only
+        self._use_permutation(perm)
 
     def _host_to_device(self, perm: np.ndarray) -> Tensor:
         """A NumPy permutation as an int64 tensor on the data's device, without synchronizing:
@@ -243,6 +254,8 @@ class DictDataset(Dataset):
             seen = None  # inference tensor (no version counter): checked every time
         if seen is None or seen != self._perm_seen:  # assigned, or changed since checked
             perm = self._adopt_permutation(perm)
+        else:
+            perm = self._perm  # what the gather reads: the same tensor, or its int64 copy
         # Read tensor_dict on every call, as the original did: code that edits it in place after
         # building the dataset (re-normalized advantages, say) gets what it wrote. The prepared
         # gather is reused while tensor_dict holds the same keys and tensors, each still at the
@@ -251,12 +264,23 @@ class DictDataset(Dataset):
         td = self.tensor_dict
         plan = self._plan
         if type(td) is FlatDict:
-            if plan is None or plan.source is not td or plan.state != td._state:
-                plan = self._prepare(td)
-            elif plan.plain and plan.stamps != _stamps(plan.plain):
-                plan = self._prepare(td)
-            if td._pkeys:
-                td._check_fresh()  # a pending value written behind the API's back: refuse
+            # Under the mapping's lock: the buffer's copy-on-write before a write (another
+            # thread) takes it too, so the storages cannot change between the check and the
+            # gather that reads them.
+            with td._lock:
+                if type(td) is FlatDict:
+                    if td._pkeys:  # a pending value written behind the API's back: refuse
+                        td._check_fresh()  # (one torch moved, share_memory_: bumps _state)
+                    if plan is None or plan.source is not td or plan.state != td._state:
+                        plan = self._prepare(td)
+                    elif plan.plain and plan.stamps != _stamps(plan.plain):
+                        plan = self._prepare(td)
+                    gather = plan.gathers.get((backend._backend, self._wrap))
+                    if gather is None:
+                        gather = plan.ready(self)
+                    outs = gather(perm, index * self.batch_size)
+                    return dict(zip(plan.keys, outs))
+            plan = self._prepare(td)  # every value made meanwhile: a plain mapping now
         else:
             keys = tuple(td)
             values = list(td.values())

@@ -50,6 +50,7 @@ environment variable ``ROLLOUT_BUFFERS_LAZY_MAKE_DICT=0``.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import weakref
@@ -99,6 +100,14 @@ class _Pending:
 
 PENDING = _Pending()
 _MISSING = object()
+
+
+def _storage_id(t: Tensor) -> int | None:
+    """The identity of ``t``'s storage (its StorageImpl), or None where it has none to read."""
+    try:
+        return t.untyped_storage()._cdata
+    except RuntimeError:  # a wrapper without storage (host-cost stand-ins)
+        return None
 
 
 def _seen(t: Tensor) -> tuple[int, int]:
@@ -152,6 +161,9 @@ class FlatDict(dict):
         self._pkeys = list(keys)
         self._pstorages = list(storages)
         self._pversions = versions
+        # Each pending storage's identity (not its address): torch may move a storage's bytes
+        # (share_memory_) and keep it the same storage, which .data = does not.
+        self._pstorage_ids = {k: _storage_id(st) for k, st in zip(keys, storages)}
         self._flatten_all = flatten_all  # prepared for exactly the storages above, all pending
         self._nall = len(self._pkeys)
         self._rows = storages[0].shape[0] * storages[0].shape[1] if storages else 0
@@ -200,9 +212,21 @@ class FlatDict(dict):
                 self._pversions[i] = _seen(st)
 
     def _stale(self) -> list[str]:
-        return [
-            k for k, st, v in zip(self._pkeys, self._pstorages, self._pversions) if _seen(st) != v
-        ]
+        """The pending keys whose storage was written or replaced behind the API's back. A
+        storage whose bytes torch moved without changing them (``share_memory_()``, a tensor
+        sent to another process: the same storage, at a new address, at the same version) is
+        not: its new address is taken, and ``_state`` bumped (a prepared gather holds the old)."""
+        out = []
+        for i, (k, st, v) in enumerate(zip(self._pkeys, self._pstorages, self._pversions)):
+            now = _seen(st)
+            if now == v:
+                continue
+            if now[0] == v[0] and _storage_id(st) == self._pstorage_ids.get(k, -1):
+                self._pversions[i] = now
+                self._state += 1
+                continue
+            out.append(k)
+        return out
 
     def _check_versions(self, keys: Sequence[str] | None = None) -> None:
         """Raise :class:`StaleRolloutError` if a pending value (of ``keys``, default all) was
@@ -444,6 +468,7 @@ class _Made(FlatDict):
 
     # What a reader that raced the last materialization (another thread) may still look at.
     _pkeys = _pstorages = _pversions = ()
+    _lock = contextlib.nullcontext()  # made at once (inference tensors): nothing to guard
     _bulk = False
     _state = -1
     __getitem__ = dict.__getitem__

@@ -97,8 +97,8 @@ def _select(
             return torch.index_select(src, 0, idx).to(dtype)
         return out.copy_(torch.index_select(src, 0, idx))
     if out is None:
-        out = torch.empty((n, *rest), dtype=dtype)
-    tmp = torch.empty((step, *rest), dtype=src.dtype)
+        out = torch.empty((n, *rest), dtype=dtype, device="cpu")
+    tmp = torch.empty((step, *rest), dtype=src.dtype, device="cpu")
     for a in range(0, n, step):
         b = min(a + step, n)
         out[a:b].copy_(torch.index_select(src, 0, idx[a:b], out=tmp[: b - a]))
@@ -150,11 +150,15 @@ def torch_gather_chunks(
     Chunk id ``c = ids[start + b]`` is env ``c // nc``, chunk ``c % nc`` (``nc = T // seq``):
     ``out[k][s, b] = srcs[k][(c % nc) * seq + s, c // nc]``, shape ``(seq, count, *shape)``; a
     key of ``first_step`` gets only ``s = 0``, shape ``(1, count, *shape)``. ``out_dtypes``:
-    per key, the output's dtype (``None``: its own).
+    per key, the output's dtype (``None``: its own). An id outside ``[0, N * nc)`` reads what
+    the gather kernel reads for it: its low 32 bits as an unsigned number, bounded by the last
+    chunk (never a row outside the storages, the same rows on every backend).
     """
     ids = ids[start : start + count]
     t, n = srcs[0].shape[:2]
     nc = t // seq
+    low = torch.bitwise_and(ids, 0xFFFFFFFF)  # the kernel's _bound32
+    ids = torch.where(low < n * nc, low, n * nc - 1)
     env = torch.div(ids, nc, rounding_mode="floor")
     step0 = (ids - env * nc) * seq  # (count,)
     steps = step0[None, :] + torch.arange(seq, device=ids.device)[:, None]  # (seq, count)
@@ -294,7 +298,7 @@ class _TorchGatherer:
         self.groups = list(where)
         self.n, self.count, self.wrap = n, count, wrap
         # Each group's rows for the whole permutation last seen (worked out once per
-        # permutation, sliced per minibatch), and what that permutation held then.
+        # permutation, sliced per minibatch), and that permutation with what it held then.
         self.perm: tuple | None = None
         self.rows: list[Tensor] = []
 
@@ -312,14 +316,17 @@ class _TorchGatherer:
             stamp = perm.data_ptr(), perm._version, perm.shape, perm.stride()
         except RuntimeError:  # an inference tensor: no version counter
             stamp = _guards.contents(perm)
-        if self.perm != stamp:  # a new permutation, or this one written since
-            self.perm, self.rows = stamp, self._rows(perm)
+        if self.perm is None or self.perm[1] != stamp:  # a new permutation, or written since
+            # (kept with its stamp: freed, its address could come back with another
+            # permutation at version 0, which the stamp could not tell from this one)
+            self.perm, self.rows = (perm, stamp), self._rows(perm)
         end = start + self.count
         idx = [r[start:end] for r in self.rows]
         outs = []
+        pool = _hostmem._enabled
         for (src, g, od), out in zip(self.srcs, self.outs):
             if out is not None:
-                out = _hostmem.empty(*out)
+                out = _hostmem.empty(*out) if pool else None
             if od is None:
                 if out is None:
                     outs.append(torch.index_select(src, 0, idx[g]))

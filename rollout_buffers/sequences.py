@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from . import ops
+from . import _guards, ops
 from ._index import as_index
 from ._index import positive_int as _positive_int
 from ._transfer import host_to_device
@@ -346,6 +346,7 @@ class SequenceDataset(Dataset):
         self._first = [False] * len(seq_names) + [True] * len(hidden)
         self._seq_names, self._num_seq = seq_names, len(seq_names)
         self._ids = torch.arange(self.num_chunks, device=device)
+        self._ids_seen = _guards.contents(self._ids)
         served = _served(source)
         out_dtypes = [served.get(k) for k in keys] + ([] if dones is None else [None])
         out_dtypes += [served.get(k) for k in hidden]
@@ -358,8 +359,28 @@ class SequenceDataset(Dataset):
 
     @property
     def chunk_ids(self) -> Tensor:
-        """The current permutation of chunk ids (1-D int64 on the device, updated in place)."""
+        """The current permutation of chunk ids (1-D int64 on the device, updated in place).
+        You may edit it in place; an id outside ``[0, num_chunks)`` reads the last chunk, on
+        every backend (no gather ever reads outside the storages)."""
         return self._ids
+
+    def _check_ids(self) -> None:
+        """``chunk_ids`` changed since it was last checked (an edit, ``.data =``, ``resize_``):
+        refuse what the gather cannot read (its layout; its entries are bounded there)."""
+        ids = self._ids
+        if (
+            ids.dim() != 1
+            or ids.shape[0] != self.num_chunks
+            or ids.dtype != torch.int64
+            or ids.device != self.device
+            or not ids.is_contiguous()
+        ):
+            raise RolloutValueError(
+                f"SequenceDataset: chunk_ids must stay a contiguous 1-D int64 tensor of "
+                f"{self.num_chunks} chunk ids on {self.device}; it now has shape "
+                f"{tuple(ids.shape)}, dtype {ids.dtype}, device {ids.device}"
+            )
+        self._ids_seen = _guards.contents(ids)
 
     def refresh(self, shuffle: bool = False) -> None:
         """Derive ``resets`` from the dones storage again (after a new rollout was written into
@@ -398,7 +419,14 @@ class SequenceDataset(Dataset):
     def __getitem__(self, index: int) -> dict[str, Tensor]:
         """Minibatch ``index`` (negative counts from the end; past the end: ``IndexError``)."""
         index = _batch_index(index, self.num_chunks // self.batch_size)
-        outs = self._gather(self._ids, index * self.batch_size)
+        ids = self._ids
+        try:  # _guards.contents, inlined: the ids as this dataset last checked them?
+            seen = ids.data_ptr(), ids._version, ids.shape, ids.stride()
+        except RuntimeError:  # an inference tensor: checked every time
+            seen = None
+        if seen is None or seen != self._ids_seen:
+            self._check_ids()
+        outs = self._gather(ids, index * self.batch_size)
         m = self._num_seq
         batch = dict(zip(self._seq_names, outs[:m]))
         for key, out in zip(self.hidden, outs[m:]):

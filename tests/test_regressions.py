@@ -500,14 +500,18 @@ def test_a_test_that_switches_the_interpreter_off_leaves_later_kernels_working()
 def test_an_assigned_permutation_is_adopted_or_refused_before_any_gather():
     x = torch.arange(6) * 10
     dataset = DictDataset(3, {"x": x})
-    dataset.shuffled_to_original = np.array([5, 4, 3, 2, 1, 0])  # as the original kept it
+    perm = np.array([5, 4, 3, 2, 1, 0])
+    dataset.shuffled_to_original = perm  # as the original kept it: the caller's object stays
     assert torch.equal(dataset[0]["x"], torch.tensor([50, 40, 30]))
-    assert dataset.shuffled_to_original.dtype == torch.int64
+    assert dataset.shuffled_to_original is perm
+    perm[:3] = [0, 1, 2]  # and is read again at every batch, as the original read it
+    assert torch.equal(dataset[0]["x"], torch.tensor([0, 10, 20]))
     strided = (torch.arange(12, dtype=torch.int32) // 2)[::2]  # 0..5, int32, not contiguous
     assert not strided.is_contiguous()
     dataset.shuffled_to_original = strided
     assert torch.equal(dataset[1]["x"], torch.tensor([30, 40, 50]))
-    assert dataset.shuffled_to_original.is_contiguous()
+    strided[3:] = torch.tensor([0, 0, 0], dtype=torch.int32)  # an edit in place: seen
+    assert torch.equal(dataset[1]["x"], torch.tensor([0, 0, 0]))
     for bad in (torch.arange(5), torch.zeros(6, dtype=torch.float32), torch.zeros(2, 3)):
         dataset.shuffled_to_original = bad
         with pytest.raises(RolloutValueError, match="shuffled_to_original"):
