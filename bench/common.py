@@ -52,9 +52,11 @@ GPU_WORKLOADS = ("locomotion", "humanoid", "humanoid_large", "many_small")
 
 
 def workloads_path() -> Path:
-    """$ROLLOUT_BUFFERS_WORKLOADS, else bench/workloads.json (a copy of the project's
-    shared/workloads.json, kept in the repository so a bare clone on a GPU machine has it;
-    tests/test_packaging.py checks the copy against shared/ when shared/ is there)."""
+    """$ROLLOUT_BUFFERS_WORKLOADS, else bench/workloads.json (the project's shared/workloads.json
+    and more, kept in the repository so a bare clone on a GPU machine has it: every workload of
+    shared/ unchanged, plus the benchmarks' own workloads (protomotions_amp) and fields
+    (``compact_keys``: the observation keys kept in bfloat16 in the compact runs);
+    tests/test_packaging.py checks that against shared/ when shared/ is there)."""
     env = os.environ.get("ROLLOUT_BUFFERS_WORKLOADS")
     candidates = [Path(env)] if env else []
     candidates += [ROOT / "bench" / "workloads.json"]
