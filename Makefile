@@ -8,7 +8,7 @@ PY     := $(VENV)/bin/python
 # Triton 3.9 warns on every compile unless this is set; 1 keeps its current default (fusion on).
 export TRITON_DEFAULT_FP_FUSION ?= 1
 
-.PHONY: setup test test-random test-api-triton test-triton36 aot demo bench bench-sequences bench-client-mix bench-micro bench-gae fuzz lint mutate mutate-report clean
+.PHONY: setup test test-random test-api-triton test-triton36 aot demo bench bench-sequences bench-client-mix bench-micro bench-gae bench-host-compact fuzz lint mutate mutate-report clean
 
 setup: $(VENV)/.installed
 
@@ -80,6 +80,13 @@ bench-client-mix: setup
 # Sequence minibatches for recurrent policies against rsl_rl's recurrent generator (also in bench).
 bench-sequences: setup
 	$(PY) bench/bench_sequences.py
+
+# Compact storage's host cost on the CUDA path, full keys against compact observation keys
+# (update_step, get_dict, dataset[i]), measured without a GPU by the project's instrument
+# shared/tools/host_launch.py in its fake mode (needs shared/ beside the checkout, or
+# HOST_COMPACT_ARGS="--tool PATH"). Writes bench/results/host_compact-fake-cpu.md.
+bench-host-compact: setup
+	$(PY) bench/host_compact.py $(HOST_COMPACT_ARGS)
 
 bench-micro: setup
 	$(PY) -m pytest -q bench/ --benchmark-only

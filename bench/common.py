@@ -44,6 +44,8 @@ DTYPES = {
 # Bigger than any last-level cache we run on (H100 L2: 50 MB): input pools at least this big.
 CACHE_BYTES = 64 << 20
 GPU_WORKLOADS = ("locomotion", "humanoid", "humanoid_large", "many_small")
+# The rollout-memory table's rows (every training workload; ci is a shape for interpreters).
+MEMORY_WORKLOADS = ("protomotions_amp", *GPU_WORKLOADS)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -52,9 +54,11 @@ GPU_WORKLOADS = ("locomotion", "humanoid", "humanoid_large", "many_small")
 
 
 def workloads_path() -> Path:
-    """$ROLLOUT_BUFFERS_WORKLOADS, else bench/workloads.json (a copy of the project's
-    shared/workloads.json, kept in the repository so a bare clone on a GPU machine has it;
-    tests/test_packaging.py checks the copy against shared/ when shared/ is there)."""
+    """$ROLLOUT_BUFFERS_WORKLOADS, else bench/workloads.json (the project's shared/workloads.json
+    and more, kept in the repository so a bare clone on a GPU machine has it: every workload of
+    shared/ unchanged, plus the benchmarks' own workloads (protomotions_amp) and fields
+    (``compact_keys``: the observation keys kept in bfloat16 in the compact runs);
+    tests/test_packaging.py checks that against shared/ when shared/ is there)."""
     env = os.environ.get("ROLLOUT_BUFFERS_WORKLOADS")
     candidates = [Path(env)] if env else []
     candidates += [ROOT / "bench" / "workloads.json"]
@@ -160,22 +164,207 @@ def make_inputs(w: dict, device: torch.device, seed: int = 0) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------
+# Compact storage and the memory a rollout costs
+# ---------------------------------------------------------------------------------------------
+
+#: The storage dtype of a workload's ``compact_keys`` in the compact runs (observations: bfloat16
+#: keeps float32's range, so no observation overflows to inf as it could in float16).
+COMPACT_STORAGE = torch.bfloat16
+
+
+def compact_keys(w: dict) -> list[str]:
+    """The observation keys the compact runs keep in :data:`COMPACT_STORAGE` (workloads.json's
+    ``compact_keys``; none when a workload does not say)."""
+    return list(w.get("compact_keys", ()))
+
+
+def ours_buffer(w: dict, device: torch.device, compact: bool = False) -> rb.ExperienceBuffer:
+    """An ExperienceBuffer with the workload's keys, its compact keys in COMPACT_STORAGE if asked."""
+    buf = rb.ExperienceBuffer(w["num_envs"], w["num_steps"], device=device)
+    narrow = set(compact_keys(w)) if compact else set()
+    for k, s in w["keys"].items():
+        kw = {"storage": COMPACT_STORAGE} if k in narrow else {}
+        buf.register_key(k, tuple(s["shape"]), DTYPES[s["dtype"]], **kw)
+    return buf
+
+
+MEMORY_COLUMNS = ("original", "ours", "ours, compact obs")
+
+
+def memory_from_sizes(w: dict) -> dict[str, dict[str, int]]:
+    """Bytes an epoch holds at its peak, per implementation, from the workload's sizes.
+
+    - original: the rollout + make_dict's flattened copy of it (same bytes) + one minibatch's
+      copies (the dict its DictDataset returns);
+    - ours: the rollout (``buffer.nbytes``) + one minibatch's copies: make_dict's lazy mapping
+      makes no flattened copy and DictDataset gathers from the storages;
+    - ours, compact obs: the same with the ``compact_keys`` stored in COMPACT_STORAGE; the
+      minibatch serves them widened, so its copies are as big as the full-precision one's.
+
+    A minibatch has every key's rows, the dataset-only keys' included (their own tensors are the
+    same in every column and not counted). Returns column -> {part: bytes, "total": bytes}.
+    """
+    rows = w["num_envs"] * w["num_steps"]
+    batch = rows // w["num_minibatches"]
+    narrow = set(compact_keys(w))
+    full = rollout_bytes(w)
+    small = rows * sum(
+        math.prod(s["shape"]) * COMPACT_STORAGE.itemsize if k in narrow else row_bytes(s)
+        for k, s in w["keys"].items()
+    )
+    mb = batch * sum(row_bytes(s) for s in [*w["keys"].values(), *w["dataset_only_keys"].values()])
+    parts = {
+        "original": {"rollout": full, "flattened copy": full, "minibatch": mb},
+        "ours": {"rollout": full, "flattened copy": 0, "minibatch": mb},
+        "ours, compact obs": {"rollout": small, "flattened copy": 0, "minibatch": mb},
+    }
+    return {n: {**p, "total": sum(p.values())} for n, p in parts.items()}
+
+
+def _tensor_bytes(ts) -> int:
+    return sum(t.numel() * t.element_size() for t in ts)
+
+
+def memory_from_objects(w: dict) -> dict[str, dict[str, int]]:
+    """The same bytes as :func:`memory_from_sizes`, read off real objects on the CPU: each
+    implementation's buffer (``buffer.nbytes`` for ours), its make_dict values once read (the
+    original's flattened copy; ours reads none: an epoch of minibatches never makes them) and
+    its first minibatch's tensors. Allocates the rollout three times over, plus the original's
+    flattened copy: call it on a scaled-down workload."""
+    cpu = torch.device("cpu")
+    rows = w["num_envs"] * w["num_steps"]
+    batch = rows // w["num_minibatches"]
+    extra = {
+        k: torch.zeros((s["rows"], *s["shape"]), dtype=DTYPES[s["dtype"]])
+        for k, s in w["dataset_only_keys"].items()
+    }
+    whole = {
+        k: torch.zeros((w["num_steps"], w["num_envs"], *s["shape"]), dtype=DTYPES[s["dtype"]])
+        for k, s in w["keys"].items()
+    }
+    out = {}
+    orig = original.ExperienceBuffer(w["num_envs"], w["num_steps"], device=cpu)
+    for k, s in w["keys"].items():
+        orig.register_key(k, tuple(s["shape"]), DTYPES[s["dtype"]])
+        orig.batch_update_data(k, whole[k])
+    data = orig.make_dict()
+    flat = _tensor_bytes(data.values())
+    mb = original.DictDataset(batch, {**data, **extra})[0]
+    out["original"] = {
+        "rollout": _tensor_bytes(orig.buffers()),
+        "flattened copy": flat,
+        "minibatch": _tensor_bytes(mb.values()),
+    }
+    del orig, data, mb
+    for name, compact in (("ours", False), ("ours, compact obs", True)):
+        buf = ours_buffer(w, cpu, compact)
+        for k, x in whole.items():
+            buf.batch_update_data(k, x)
+        data = buf.make_dict()
+        data.update(extra)
+        mb = rb.DictDataset(batch, data)[0]
+        made = [dict.get(data, k) for k in w["keys"]]  # raw slots: only values made are tensors
+        out[name] = {
+            "rollout": buf.nbytes,
+            "flattened copy": _tensor_bytes(v for v in made if isinstance(v, torch.Tensor)),
+            "minibatch": _tensor_bytes(mb.values()),
+        }
+        del buf, data, mb
+    return {n: {**p, "total": sum(p.values())} for n, p in out.items()}
+
+
+def memory_check(w: dict, max_bytes: int = 8 << 20) -> str:
+    """memory_from_sizes against memory_from_objects at a scaled-down size; raises on a mismatch."""
+    small, _ = scale_down(w, max_bytes)
+    want, got = memory_from_sizes(small), memory_from_objects(small)
+    if want != got:
+        raise AssertionError(f"{w['name']}: memory from sizes {want} != from objects {got}")
+    return f"{small['num_envs']} envs"
+
+
+def fmt_bytes(n: int) -> str:
+    if n >= 2**30:
+        return f"{n / 2**30:.2f} GiB"
+    return f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n / 2**10:.1f} KiB"
+
+
+def memory_table(workloads: Sequence[dict], check: bool = True) -> list[str]:
+    """Markdown lines: per workload at its full size, the bytes an epoch holds at its peak for
+    the original, ours and ours with compact observation keys (from :func:`memory_from_sizes`),
+    each formula first checked against real objects at a small scale when ``check``."""
+    rows, checked = [], []
+    for w in workloads:
+        if check:
+            checked.append(f"{w['name']} at {memory_check(w)}")
+        m = memory_from_sizes(w)
+        o, u, k = (m[c]["total"] for c in MEMORY_COLUMNS)
+        rows.append(
+            [
+                f"{w['name']} ({w['num_envs']} x {w['num_steps']}, {w['num_minibatches']} mb)",
+                fmt_bytes(m["ours"]["rollout"]),
+                fmt_bytes(m["ours, compact obs"]["rollout"]),
+                fmt_bytes(m["ours"]["minibatch"]),
+                f"**{fmt_bytes(o)}**",
+                f"**{fmt_bytes(u)}** ({u / o:.0%})",
+                f"**{fmt_bytes(k)}** ({k / o:.0%})",
+                ", ".join(compact_keys(w)) or "-",
+            ]
+        )
+    lines = [
+        "Bytes an epoch holds at its peak, full-size workloads, computed from their sizes. "
+        "original = rollout + make_dict's flattened copy (as big as the rollout) + one "
+        "minibatch's copies; ours = rollout + one minibatch (make_dict makes no flattened copy); "
+        "ours, compact obs = the same with the compact keys stored in "
+        f"{str(COMPACT_STORAGE).removeprefix('torch.')} (a minibatch still serves them in "
+        "float32, so it is as big). Percentages: of the original.",
+        "",
+        *md_table(
+            [
+                "workload (envs x steps, minibatches)",
+                "rollout",
+                "rollout, compact obs",
+                "one minibatch",
+                "original",
+                "ours",
+                "ours, compact obs",
+                "compact keys",
+            ],
+            rows,
+        ),  # fmt: skip
+    ]
+    if checked:
+        lines += [
+            "",
+            "Checked against real CPU objects (each buffer's bytes, `buffer.nbytes` for ours, the "
+            "make_dict values made, the first minibatch's tensors) at a small scale: "
+            + "; ".join(checked)
+            + ": equal.",
+        ]
+    return lines
+
+
+# ---------------------------------------------------------------------------------------------
 # The implementations, as three phases of one PPO epoch: writes(i) -> make_dict -> minibatches
 # ---------------------------------------------------------------------------------------------
 
 
 def ours_phases(
-    w: dict, device: torch.device, inputs: dict, backend: str = "auto", lazy: bool = True
+    w: dict,
+    device: torch.device,
+    inputs: dict,
+    backend: str = "auto",
+    lazy: bool = True,
+    compact: bool = False,
 ) -> list[Callable]:
     """rollout_buffers: update_step per step (all keys in one call), make_dict, DictDataset.
 
     The dataset-only keys are added to make_dict's mapping in place (``data.update``), as
     ProtoMotions' AMP agent adds its expert keys; ``lazy=False`` runs with the eager make_dict
-    (``set_lazy_make_dict(False)``: the flattened copies made at once, as before).
+    (``set_lazy_make_dict(False)``: the flattened copies made at once, as before);
+    ``compact=True`` keeps the workload's ``compact_keys`` in :data:`COMPACT_STORAGE` (the same
+    float32 inputs, narrowed by the writes, served in float32).
     """
-    buf = rb.ExperienceBuffer(w["num_envs"], w["num_steps"], device=device)
-    for k, s in w["keys"].items():
-        buf.register_key(k, tuple(s["shape"]), DTYPES[s["dtype"]])
+    buf = ours_buffer(w, device, compact)
     pool, extra, steps = inputs["pool"], inputs["extra"], w["num_steps"]
     batch = w["num_envs"] * steps // w["num_minibatches"]
 

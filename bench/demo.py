@@ -4,7 +4,8 @@ Every training iteration: write every key of every step of the rollout (fresh ra
 made before timing and reused from a small rotating pool), make_dict, build a shuffled
 DictDataset and iterate every minibatch of every mini-epoch (reshuffling each). make_dict's
 mapping is lazy: the minibatches are gathered from the buffer, with no flattened copy; the demo
-also prints the memory an epoch costs. The same loop
+also prints the memory an epoch costs, and the rollout memory of every workload at full size
+(the original's, ours, ours with the observation keys in compact bfloat16 storage). The same loop
 runs with rollout_buffers (auto backend, ``update_step`` for all keys of a step) and with the
 original module (bench/original.py, per-key ``update_data``), interleaved; at the end a table
 of per-phase times. Full size on a GPU; on CPU the number of envs is scaled down so that the
@@ -89,6 +90,9 @@ def main() -> None:
         f"\nmemory per epoch, {what}: "
         + ", ".join(f"{n} {m / 2**20:.1f} MiB" for n, m in mem.items())
     )
+    every = c.load_workloads()
+    print("\nrollout memory, full size, with and without compact observation keys:")
+    print("\n".join(c.memory_table([every[n] for n in c.MEMORY_WORKLOADS])))
 
 
 if __name__ == "__main__":

@@ -3,11 +3,14 @@
 Phases: rollout writes (every key of every step), make_dict, minibatches (every minibatch of
 every mini-epoch, with the workload's dataset-only keys indexed modulo), and the whole epoch.
 Implementations, in the same run and interleaved: rollout_buffers (auto backend, make_dict's
-lazy mapping), the same with the eager make_dict (``set_lazy_make_dict(False)``),
-rollout_buffers forced to its PyTorch path, the original (bench/original.py), the original
-under torch.compile (GPU only), and the physical limit: the device's plain ``copy_`` of the
-same bytes. Also the memory an epoch costs (flattened copies; on CUDA the allocator's peak).
-Writes bench/results/<device>.{md,json,png}.
+lazy mapping), the same with the workload's ``compact_keys`` (its observation keys) kept in
+bfloat16 storage and served in float32 (compact storage, same float32 inputs), the same with
+the eager make_dict (``set_lazy_make_dict(False)``), rollout_buffers forced to its PyTorch
+path, the original (bench/original.py), the original under torch.compile (GPU only), and the
+physical limit: the device's plain ``copy_`` of the same bytes. Also the memory an epoch costs
+(flattened copies; on CUDA the allocator's peak), the rollout memory of every workload at full
+size with and without compact observation keys next to the original's, and compact against
+full keys phase by phase. Writes bench/results/<device>.{md,json,png}.
 
     python bench/run.py [--workloads locomotion,humanoid] [--repeats 11] [--cpu-max-mb 128]
 """
@@ -41,6 +44,8 @@ AUTO, EAGER, TORCH, ORIG, COMPILED = (
     "original",
     "original + torch.compile",
 )
+COMPACT = "rollout_buffers (auto, compact obs)"
+DEFAULT_WORKLOADS = (*c.GPU_WORKLOADS, "protomotions_amp")
 
 
 def phase_sizes(w: dict) -> dict[str, tuple[int, int]]:
@@ -64,9 +69,9 @@ def plan(names: list[str], device: torch.device, cpu_max_mb: int) -> list[tuple[
     for name in names:
         w = all_w[name]
         if device.type == "cuda":
-            # 5 implementations' buffers and make_dict outputs (alive together: the phases are
-            # interleaved), plus the copy-reference pair
-            need = 12 * c.rollout_bytes(w) + 2 * c.extra_bytes(w)
+            # 6 implementations' buffers and make_dict outputs (alive together: the phases are
+            # interleaved; the compact one's buffer is smaller), plus the copy-reference pair
+            need = 13 * c.rollout_bytes(w) + 2 * c.extra_bytes(w)
             budget = int(0.8 * torch.cuda.mem_get_info(device)[0])
             small, factor = c.scale_down(w, budget // 10) if need > budget else (w, 1)
         else:
@@ -79,6 +84,7 @@ def plan(names: list[str], device: torch.device, cpu_max_mb: int) -> list[tuple[
 def build_impls(w: dict, device: torch.device, inputs: dict, notes: list[str]) -> dict[str, list]:
     impls = {
         AUTO: c.ours_phases(w, device, inputs, "auto"),
+        COMPACT: c.ours_phases(w, device, inputs, "auto", compact=True),
         EAGER: c.ours_phases(w, device, inputs, "auto", lazy=False),
         TORCH: c.ours_phases(w, device, inputs, "torch"),
         ORIG: c.original_phases(w, device, inputs),
@@ -227,6 +233,25 @@ def targets(device: torch.device, results: dict, host: dict) -> list[str]:
             f"({host['update_step (16 keys)'] * 1e6:.1f} µs vs {host[host['label']] * 1e6:.1f} µs, "
             f"{host['label']}; target <= 2x)"
         )
+    goal = "- CPU: the epoch with compact observation keys at least as fast as with full keys: "
+    if gpu:
+        ratios = {n: compact_vs_full(r).get("whole epoch") for n, r in results.items()}
+        lines.append(
+            goal
+            + "not a target on the GPU; here full / compact whole epoch: "
+            + "; ".join(f"{n} {v['speed']:.2f}x" for n, v in ratios.items() if v)
+        )
+    else:
+        verdicts = []
+        for n, r in results.items():
+            v = compact_vs_full(r).get("whole epoch")
+            if v:
+                q = v["paired"]
+                verdicts.append(
+                    f"{n} {'met' if v['speed'] >= 1 else 'missed'} {v['speed']:.2f}x "
+                    f"(per round {q['median']:.2f}x [{q['p20']:.2f}x, {q['p80']:.2f}x])"
+                )
+        lines.append(goal + ("; ".join(verdicts) or "not measured (the compact run did not run)"))
     goal = "- CPU: no phase slower than the original: "
     if gpu:
         lines.append(goal + "not measured here (a GPU run); see bench/results/cpu.md")
@@ -256,6 +281,66 @@ def targets(device: torch.device, results: dict, host: dict) -> list[str]:
     return lines
 
 
+def compact_vs_full(r: dict) -> dict[str, dict]:
+    """Per phase: compact observation keys against full keys, from the same interleaved rounds.
+    ``speed``: full median / compact median (above 1: compact faster); ``paired``: stats of the
+    per-round ratio full / compact (each round ran both back to back, so drift cancels)."""
+    out = {}
+    for p in PHASES:
+        full, comp = r["phases"][p].get(AUTO), r["phases"][p].get(COMPACT)
+        if full and comp:
+            pairs = [f / k for f, k in zip(full["samples"], comp["samples"], strict=True)]
+            out[p] = {
+                "full": full,
+                "compact": comp,
+                "speed": full["median"] / comp["median"],
+                "paired": c.stats(pairs),
+            }
+    return out
+
+
+def compact_lines(results: dict) -> list[str]:
+    rows = []
+    for n, r in results.items():
+        keys = ", ".join(c.compact_keys(r["workload"]))
+        for p, v in compact_vs_full(r).items():
+            q = v["paired"]
+            rows.append([
+                n, p, c.fmt_stats(v["full"]), c.fmt_stats(v["compact"]), f"**{v['speed']:.2f}x**",
+                f"{q['median']:.2f}x [{q['p20']:.2f}x, {q['p80']:.2f}x]", keys if p == PHASES[0] else "",
+            ])  # fmt: skip
+    if not rows:
+        return []
+    return [
+        "## Compact observation keys against full keys",
+        "",
+        f"`{AUTO}` (every key in its dtype) against `{COMPACT}` (the workload's compact keys "
+        f"stored in {str(c.COMPACT_STORAGE).removeprefix('torch.')}, written from the same "
+        "float32 inputs and served in float32), interleaved in the same rounds. Speed = full "
+        "median / compact median (above 1x: compact faster); per round = the same ratio round "
+        "by round, median [p20, p80].",
+        "",
+        *c.md_table(
+            [
+                "workload",
+                "phase",
+                "full keys",
+                "compact obs",
+                "speed of compact",
+                "per round",
+                "compact keys",
+            ],
+            rows,
+        ),
+    ]
+
+
+def rollout_memory_lines(results: dict) -> list[str]:
+    every = c.load_workloads()
+    names = [*c.MEMORY_WORKLOADS, *(n for n in results if n not in c.MEMORY_WORKLOADS)]
+    return ["## Rollout memory", "", *c.memory_table([every[n] for n in names])]
+
+
 def memory_lines(device: torch.device, results: dict) -> list[str]:
     what = (
         "peak of torch.cuda.max_memory_allocated over one epoch, above the memory allocated "
@@ -266,7 +351,7 @@ def memory_lines(device: torch.device, results: dict) -> list[str]:
     )
     impls = [
         i
-        for i in (AUTO, EAGER, TORCH, ORIG, COMPILED)
+        for i in (AUTO, COMPACT, EAGER, TORCH, ORIG, COMPILED)
         if any(i in r["memory"] for r in results.values())
     ]
     rows = [[n] + [f"{r['memory'][i] / 2**20:.1f} MiB" if i in r["memory"] else "" for i in impls]
@@ -322,12 +407,22 @@ def write_results(device, results, host, notes, meta) -> list[Path]:
          "fraction of copy", "speedup over original"],
         rows,
     )  # fmt: skip
+    lines += ["", *compact_lines(results)]
+    lines += ["", *rollout_memory_lines(results)]
     lines += ["", *memory_lines(device, results), "", *targets(device, results, host)]
     lines += ["", "## Notes", ""]
     lines += [f"- {n}" for n in notes] or ["- none"]
     md = c.write_text(c.RESULTS / f"{slug}.md", lines)
 
-    raw = {"meta": meta, "update_step_vs_launch": host, "notes": notes, "results": results}
+    every = c.load_workloads()
+    rollout_memory = {n: c.memory_from_sizes(every[n]) for n in {*c.MEMORY_WORKLOADS, *results}}
+    raw = {
+        "meta": meta,
+        "update_step_vs_launch": host,
+        "notes": notes,
+        "results": results,
+        "rollout_memory_full_size": rollout_memory,
+    }
     js = c.RESULTS / f"{slug}.json"
     js.write_text(json.dumps(raw, indent=1, default=str) + "\n")
     png = plot(device, results, meta, c.RESULTS / f"{slug}.png")
@@ -345,13 +440,14 @@ def plot(device, results, meta, path: Path) -> Path:
 
     impls = [
         i
-        for i in (AUTO, EAGER, TORCH, COMPILED)
+        for i in (AUTO, COMPACT, EAGER, TORCH, COMPILED)
         if any(i in r["phases"]["make_dict"] for r in results.values())
     ]
     names = list(results)
     fig, axes = plt.subplots(1, len(PHASES), figsize=(4.4 * len(PHASES), 4.8), sharey=True)
     width = 0.8 / max(len(impls), 1)
-    colors = {AUTO: "tab:blue", EAGER: "tab:purple", TORCH: "tab:orange", COMPILED: "tab:green"}
+    colors = {AUTO: "tab:blue", COMPACT: "tab:cyan", EAGER: "tab:purple", TORCH: "tab:orange",
+              COMPILED: "tab:green"}  # fmt: skip
     speedups = [1.0]
     for ax, p in zip(axes, PHASES, strict=True):
         for k, impl in enumerate(impls):
@@ -395,7 +491,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    ap.add_argument("--workloads", default=",".join(c.GPU_WORKLOADS))
+    ap.add_argument("--workloads", default=",".join(DEFAULT_WORKLOADS))
     ap.add_argument("--repeats", type=int, default=None, help="timed rounds (GPU 20, CPU 21)")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument(
@@ -453,6 +549,8 @@ def main() -> None:
             ["phase", "workload", "impl", "median [p20, p80]", "of copy", "vs original"], rows
         )
     )
+    print("\n".join(compact_lines(results)))
+    print("\n".join(rollout_memory_lines(results)))
     print("\n".join(memory_lines(device, results)))
     print("\n".join(targets(device, results, host)[2:]))
     print("wrote", ", ".join(str(p.relative_to(c.ROOT)) for p in paths))
