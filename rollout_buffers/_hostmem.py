@@ -53,7 +53,9 @@ def set_host_pool(enabled: bool) -> None:
     _enabled = bool(enabled)
 
 
-_lock = threading.Lock()
+# Reentrant: a garbage collection inside a critical section (any container allocated there may
+# start one) can free a pooled tensor, whose callback comes back here in the same thread.
+_lock = threading.RLock()
 _free: dict[int, list[np.ndarray]] = {}  # nbytes -> blocks nobody can see
 _held = [0]  # bytes in _free
 _out: dict[int, tuple] = {}  # id(weak ref) -> (weak ref, nbytes, block) for blocks handed out
