@@ -294,7 +294,8 @@ class _TorchGatherer:
             dtype = s.dtype if od is None else od
             shape = (count, *s.shape[1:])
             nbytes = count * math.prod(shape[1:]) * dtype.itemsize
-            self.outs.append((shape, dtype, nbytes) if nbytes >= _hostmem.MIN_BYTES else None)
+            pooled = nbytes >= _hostmem.MIN_BYTES and s.device.type == "cpu"  # host memory only
+            self.outs.append((shape, dtype, nbytes) if pooled else None)
         self.groups = list(where)
         self.n, self.count, self.wrap = n, count, wrap
         # Each group's rows for the whole permutation last seen (worked out once per

@@ -719,3 +719,12 @@ def test_cpu_minibatch_memory_is_reused_only_once_torch_has_freed_it():
                 assert torch.equal(b["x"], x[perm[i * rows : (i + 1) * rows]])
                 seen.add(b["x"].data_ptr())
         assert len(seen) <= 3  # reused: at most the two generations in flight and one more
+
+
+def test_large_minibatches_of_a_device_tensor_stay_on_its_device_on_the_torch_path():
+    # The host pool serves CPU outputs only: a 128 KiB+ minibatch of a tensor on another
+    # device (CUDA with the torch backend; meta here) is made on that device.
+    x = torch.empty(4096, 64, device="meta")
+    with use_backend("torch"):
+        batch = DictDataset(1024, {"x": x}, shuffle=True)[0]["x"]
+    assert batch.device.type == "meta" and batch.shape == (1024, 64)
