@@ -97,13 +97,13 @@ def test_a_minibatch_sent_to_another_process_is_not_overwritten_there(backend):
     child.start()
     try:
         inbox.put(ds[0]["obs"])
-        assert outbox.get(timeout=60) == "received"
+        assert outbox.get(timeout=30) == "received"
         for i in range(1, 4):
             assert torch.equal(ds[i % 2]["obs"], flat[(i % 2) * 512 : (i % 2 + 1) * 512])
         inbox.put("check")
-        assert outbox.get(timeout=60) is True
+        assert outbox.get(timeout=30) is True
     finally:
-        child.join(timeout=60)
+        child.join(timeout=30)
         if child.is_alive():
             child.kill()
 
