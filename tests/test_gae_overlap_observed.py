@@ -400,7 +400,9 @@ def test_set_host_pool_switches_the_pool_off_and_on_again():
     """Off: minibatches of 128 KiB and more come from torch.empty (resizable). On again: they
     are made over pooled blocks (not resizable), and a freed one is reused."""
     was = rollout_buffers.host_pool()
-    x = torch.randn(2048, 32)  # a minibatch of 1024 rows: 128 KiB
+    # A minibatch of 1024 rows of 33 floats (132 KiB): a size no other test pools, so the block
+    # freed below is the only one of its size in the pool.
+    x = torch.randn(2048, 33)
     try:
         with backend.use_backend("torch"):
             rollout_buffers.set_host_pool(False)
