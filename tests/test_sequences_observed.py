@@ -194,11 +194,14 @@ def test_an_empty_rollout_is_refused_and_a_one_step_rollout_is_served():
 
 
 def test_a_dones_key_with_autograd_history_is_refused():
+    # dones serves only the resets mask here (not a data key): it is checked all the same.
     raises_exactly(
         ValueError,
         "dones: SequenceDataset received a tensor with requires_grad=True; minibatches carry no "
         "autograd history: pass tensor.detach()",
-        lambda: SequenceDataset({**good(), "dones": torch.zeros(6, 4, requires_grad=True)}, 3, 4),
+        lambda: SequenceDataset(
+            {**good(), "dones": torch.zeros(6, 4, requires_grad=True)}, 3, 4, keys=["obs"]
+        ),
     )
 
 
