@@ -289,6 +289,8 @@ def test_a_trajectory_dataset_index_past_the_end_names_the_number_of_batches():
 def test_num_batches_is_an_int():
     ds = SequenceDataset(good(), 3, 4, shuffle=False)
     assert ds.num_batches() == 2 and type(ds.num_batches()) is int
+    traj = TrajectoryDataset(good(), 2)
+    assert traj.num_batches() == len(traj) == 2 and type(traj.num_batches()) is int
 
 
 @pytest.mark.parametrize("name", backends())
