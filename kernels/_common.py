@@ -219,7 +219,9 @@ def cached_table(key: tuple, build, store: dict | None = None, cols: int = 8):
         )
     if bounded and len(store) >= _TABLES_MAX:
         store.clear()
-    host = torch.tensor([list(r) + [0] * (cols - len(r)) for r in rows], dtype=torch.int64)
+    host = torch.tensor(
+        [list(r) + [0] * (cols - len(r)) for r in rows], dtype=torch.int64, device="cpu"
+    )  # on the host, whatever default device a context sets
     capturing = False
     if device.type == "cuda":
         host = host.pin_memory()

@@ -347,13 +347,10 @@ def test_sequence_dataset_ignores_torchs_default_device(generator, np_rng):
                 assert torch.equal(got[k], want[k])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="library bug (kernels/_common.py, not sequences.py): the kernels' descriptor tables "
-    "are built with torch.tensor(rows) without device=, so they land on torch's default device "
-    "(a CUDA default: pin_memory() of a CUDA tensor; here: a meta table the launch cannot read)",
-)
 def test_sequence_minibatches_on_the_kernel_path_ignore_torchs_default_device():
+    # The kernels' descriptor tables are built on the host whatever default device a context
+    # sets (they were made on it: a meta table the launch could not read; on a CUDA default, a
+    # pin_memory() of a CUDA tensor).
     device = kernel_device()
     x, dones = rollout(4, 3)
     s = {"x": x.to(device), "dones": dones.to(device)}
