@@ -219,12 +219,14 @@ class StepWriter:
         if self.grid:
             self._general(index, srcs, ptrs)
 
-    def dense(self, index: int, srcs: Sequence[Tensor]) -> None:
+    def dense(self, index: int, srcs: Sequence[Tensor], ptrs: list | None = None) -> None:
         """:meth:`__call__` for sources the caller checked: each contiguous, of its
-        destination's dtype and row shape, and no view (so no lazy sign flag either)."""
+        destination's dtype and row shape, with no lazy sign flag (``ptrs``: their addresses,
+        when the caller has read them)."""
         hit = self._aligned
-        if hit is not None:
-            ptrs = [s.data_ptr() for s in srcs]
+        if hit is not None and not self.complex:  # (a conjugate flag: __call__ applies it)
+            if ptrs is None:
+                ptrs = [s.data_ptr() for s in srcs]
             acc = 0
             for p in ptrs:
                 acc |= p
@@ -233,7 +235,7 @@ class StepWriter:
                 if not plan.direct(self.tptr, tuple(ptrs), s_us, index):
                     plan.generic(self.table, tuple(srcs), s_us, index)
                 return
-        self(index, srcs)
+        self(index, srcs, ptrs)
 
     def _general(self, index: int, srcs: Sequence[Tensor], ptrs: list | None = None) -> None:
         if not self.complex:

@@ -118,17 +118,21 @@ class _StepPlan:
     """update_step's prepared write of one tuple of keys: the destinations and their addresses,
     what a source must be to take the fast path (the row's shape, the device, no memory shared
     with any destination), the backend's writer for each backend it ran under, and the step
-    bookkeeping. Valid while every buffer tensor is the one it was built with, at the same
-    address (update_step checks on every call)."""
+    bookkeeping. Valid while the module's buffers of those keys are at the same addresses, of
+    the same dtypes (update_step checks both on every call: ~2 µs for 12 keys; a shape change
+    at the same address and dtype, which only ``resize_`` to fewer bytes or ``.data =`` a
+    reshaped view of the same memory makes, is seen by update_data and the slow path, which
+    rebuild the plan)."""
 
-    __slots__ = ("keys", "dsts", "ptrs", "looks", "shapes", "dtypes", "device", "footprint",
-                 "writers", "marks")  # fmt: skip
+    __slots__ = ("keys", "dsts", "ptrs", "looks", "dtype_list", "shapes", "dtypes", "device",
+                 "footprint", "writers", "marks")  # fmt: skip
 
     def __init__(self, keys: tuple, specs: Sequence[_Spec]) -> None:
         self.keys = keys
         self.dsts = tuple(s.tensor for s in specs)
         self.ptrs = [s.ptr for s in specs]
         self.looks = [(s.dtype, s.shape) for s in specs]
+        self.dtype_list = [s.dtype for s in specs]
         self.shapes = tuple(s.row_shape for s in specs)
         self.dtypes = tuple(s.dtype for s in specs)
         self.device = specs[0].device
@@ -149,6 +153,7 @@ _is = operator.is_
 _data_ptr = operator.methodcaller("data_ptr")
 _bisect = bisect.bisect_right
 _looks = operator.attrgetter("dtype", "shape")
+_dtype = operator.attrgetter("dtype")
 # True while Dynamo traces (it folds the call to a constant), False when run: one Python call.
 _dynamo_compiling = torch.compiler.is_dynamo_compiling
 
@@ -488,43 +493,56 @@ class ExperienceBuffer(nn.Module):
             return self._update_step_slow(index, tensors)
         plan = self._step_plans.get(tuple(tensors)) if type(tensors) is dict else None
         writer = plan.writers.get(backend._backend) if plan is not None else None
-        if (
-            writer is not None
-            and not self._lender.refs
-            # the module's buffers are still the plan's destinations, at the same addresses
-            and all(map(_is, map(self._buffers.__getitem__, plan.keys), plan.dsts))
-            and plan.ptrs == list(map(_data_ptr, plan.dsts))
-            and plan.looks == list(map(_looks, plan.dsts))  # .data = a view of another dtype
-        ):
+        if writer is not None and not self._lender.refs:
+            try:  # the module's buffers are at the plan's addresses, of its dtypes (a buffer
+                # reassigned, given new data, or a view of another dtype, is not)
+                cur = list(map(self._buffers.__getitem__, plan.keys))
+                if plan.ptrs != list(map(_data_ptr, cur)) or plan.dtype_list != list(
+                    map(_dtype, cur)
+                ):
+                    writer = None
+            except (KeyError, AttributeError):  # a buffer deleted, or set to None
+                writer = None
+        if writer is not None and not self._lender.refs:
             if type(index) is not int or not 0 <= index < self.num_steps:
                 index = self._step_index("update_step", index, None)
             srcs = list(tensors.values())
             dev, footprint = plan.device, plan.footprint
             lo, hi, starts, ends = footprint.lo, footprint.hi, footprint.starts, footprint.ends
             ptrs = []  # the sources' addresses, read once (the writer takes them too)
-            for data, shape, dtype in zip(srcs, plan.shapes, plan.dtypes):
-                if not (
-                    type(data) is Tensor
-                    and data.shape == shape
-                    and data.device == dev
-                    and not data.requires_grad
-                    and data.layout is _STRIDED
-                    and (data.dtype is dtype or not data.is_complex())
-                ):
-                    break
-                # Shares no memory with any destination: Footprint.excludes, inlined (no
-                # Python call per key). Outside the destinations' span: one compare.
-                p = data.data_ptr()
-                if lo <= p < hi:
-                    i = _bisect(starts, p)
-                    if i and p < ends[i - 1]:
+            dense = True  # all contiguous, of the keys' dtypes, with no lazy sign flag
+            try:  # a source with no storage (sparse) fails data_ptr(): the slow path explains
+                for data, shape, dtype in zip(srcs, plan.shapes, plan.dtypes):
+                    if not (
+                        type(data) is Tensor
+                        and data.shape == shape
+                        and data.device == dev
+                        and not data.requires_grad
+                    ):
                         break
-                ptrs.append(p)
+                    if data.dtype is not dtype:
+                        if data.is_complex():
+                            break
+                        dense = False
+                    # Shares no memory with any destination: Footprint.excludes, inlined (no
+                    # Python call per key). Outside the destinations' span: one compare.
+                    p = data.data_ptr()
+                    if lo <= p < hi:
+                        i = _bisect(starts, p)
+                        if i and p < ends[i - 1]:
+                            break
+                    if dense and not (data.is_contiguous() and not data.is_neg()):
+                        dense = False
+                    ptrs.append(p)
+            except RuntimeError:
+                ptrs = ()
             if len(ptrs) == len(srcs):
-                if writer.exact:  # the Triton writer: any strides and dtypes, one launch
-                    writer(index, srcs, ptrs)
-                else:  # PyTorch's copy_ per key
+                if not writer.exact:  # PyTorch's copy_ per key: any strides, casts, flags
                     writer.dense(index, srcs)
+                elif dense:  # the Triton writer's one prepared plan
+                    writer.dense(index, srcs, ptrs)
+                else:  # the Triton writer: any strides and dtypes, one launch
+                    writer(index, srcs, ptrs)
                 store = self.store_dict
                 for key, written in plan.marks:
                     if not written[index]:
@@ -813,20 +831,24 @@ class ExperienceBuffer(nn.Module):
     def get_dict(self) -> dict[str, Tensor]:
         """The flattened rollout like :meth:`make_dict`, without the check and without a reset."""
         plan = self._dict_plan
-        if (
-            plan is None
-            or len(plan[0]) != len(self._specs)
-            or not all(map(_is, map(self._buffers.get, plan[0]), plan[1]))
-            or plan[2] != list(map(_data_ptr, plan[1]))  # a storage given new data
-            or plan[3] != list(map(_looks, plan[1]))  # ... or another dtype or shape
-        ):
+        seen = None
+        if plan is not None and len(plan[0]) == len(self._specs):
+            try:  # the module's buffers, as they are now: at the plan's addresses and looks?
+                cur = list(map(self._buffers.__getitem__, plan[0]))
+                seen = [(t._version, t.data_ptr()) for t in cur]  # the FlatDict keeps these
+                if [p for _, p in seen] != plan[2] or plan[3] != list(map(_looks, cur)):
+                    seen = None  # given new data, another dtype or shape, or reassigned
+            except (KeyError, AttributeError, RuntimeError):  # deleted; None; no version
+                seen = None
+        if seen is None:
             keys = tuple(self._specs)
             if not keys:
                 return {}
             storages = tuple(self._spec(k).tensor for k in keys)
-            looks = list(map(_looks, storages))
-            plan = self._dict_plan = (keys, storages, list(map(_data_ptr, storages)), looks, {})
-        keys, storages, _, _, flatteners = plan
+            ids = [_flat._storage_id(t) for t in storages]  # what a FlatDict tells moves by
+            ptrs, looks = list(map(_data_ptr, storages)), list(map(_looks, storages))
+            plan = self._dict_plan = (keys, storages, ptrs, looks, {}, ids)
+        keys, storages, _, _, flatteners, ids = plan
         served = self._served
         flatten_all = flatteners.get(backend._backend)
         if flatten_all is None:  # a backend that cannot run here says so now
@@ -835,8 +857,8 @@ class ExperienceBuffer(nn.Module):
         if not _flat.lazy_make_dict():
             return dict(zip(keys, flatten_all()))
         d = _flat.FlatDict(
-            keys, storages, flatten_all, self._flatten, self._lender.release, dict(served)
-        )
+            keys, storages, flatten_all, self._flatten, self._lender.release, served, ids, seen,
+        )  # fmt: skip
         self._lender.lend(d)
         return d
 

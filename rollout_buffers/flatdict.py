@@ -141,13 +141,15 @@ class FlatDict(dict):
         flatten: Callable[[list[Tensor], list], list[Tensor]],
         release: Callable[[FlatDict], None] | None = None,
         served: dict | None = None,
+        storage_ids: Sequence[int | None] | None = None,
+        seen: list | None = None,
     ) -> None:
         # Values are made in the inference mode make_dict() ran in, whenever they are made (a
         # copy-on-write inside torch.inference_mode() must not give inference tensors that
         # autograd refuses to save, where the eager copies were normal tensors).
         self._inference = torch.is_inference_mode_enabled()
-        try:
-            versions = list(map(_seen, storages))
+        try:  # what the storages hold now: _seen of each (given when the caller just read it)
+            versions = seen if seen is not None else [(t._version, t.data_ptr()) for t in storages]
         except RuntimeError:
             # Inference tensors (a buffer built under torch.inference_mode()) keep no version
             # counter: a write behind the API's back could not be caught. Made now, eagerly.
@@ -163,10 +165,11 @@ class FlatDict(dict):
         self._pversions = versions
         # Each pending storage's identity (not its address): torch may move a storage's bytes
         # (share_memory_) and keep it the same storage, which .data = does not.
-        self._pstorage_ids = {k: _storage_id(st) for k, st in zip(keys, storages)}
+        if storage_ids is None:
+            storage_ids = [_storage_id(st) for st in storages]
+        self._keys, self._storage_ids = keys, storage_ids  # (zipped when a storage moved)
         self._flatten_all = flatten_all  # prepared for exactly the storages above, all pending
         self._nall = len(self._pkeys)
-        self._rows = storages[0].shape[0] * storages[0].shape[1] if storages else 0
         self._flatten = flatten  # flatten(storages, out_dtypes): some of them, in one launch
         self._release = release
         # key -> the dtype a compact key's value is served in (its storage is narrower).
@@ -193,7 +196,7 @@ class FlatDict(dict):
         for k, v in dict.items(self):
             s = pend.get(k)
             if s is not None:
-                out.append((k, s, self._rows, served.get(k, s.dtype)))
+                out.append((k, s, s.shape[0] * s.shape[1], served.get(k, s.dtype)))
             else:
                 out.append((k, v, v.shape[0] if isinstance(v, Tensor) and v.dim() else 0, False))
         return out
@@ -211,6 +214,10 @@ class FlatDict(dict):
             if st.data_ptr() in ptrs:
                 self._pversions[i] = _seen(st)
 
+    def _storage_id_of(self, key: Any) -> int | None:
+        """The identity of ``key``'s storage when the mapping was handed out."""
+        return dict(zip(self._keys, self._storage_ids)).get(key, -1)
+
     def _stale(self) -> list[str]:
         """The pending keys whose storage was written or replaced behind the API's back. A
         storage whose bytes torch moved without changing them (``share_memory_()``, a tensor
@@ -221,7 +228,7 @@ class FlatDict(dict):
             now = _seen(st)
             if now == v:
                 continue
-            if now[0] == v[0] and _storage_id(st) == self._pstorage_ids.get(k, -1):
+            if now[0] == v[0] and _storage_id(st) == self._storage_id_of(k):
                 self._pversions[i] = now
                 self._state += 1
                 continue
@@ -260,7 +267,7 @@ class FlatDict(dict):
     def _materialize(self, keys: Sequence[Any] | None) -> None:
         pk = self._pkeys
         storages = self._pstorages
-        if keys is None and list(map(_seen, storages)) == self._pversions:
+        if keys is None and [(t._version, t.data_ptr()) for t in storages] == self._pversions:
             if len(pk) == self._nall:
                 outs = self._flatten_in_mode(self._flatten_all)
             else:
